@@ -1,0 +1,426 @@
+"""Mechanic's per-step work over the local parameter shards.
+
+A step is: local partial sums -> ONE reduce -> tuner update (``prepare``), then the base
+optimizer's step, then the rebase ``x = x_ref + S * Delta`` (``finish``). Both user-facing
+forms (``mechanize`` and the seed ``Mechanic``/``Updater`` pair) drive this class.
+
+Where the state lives: the engine owns its tensors. It also *publishes* them into the base
+optimizer, so that ordinary checkpoint tools see them: per-parameter buffers under
+``optimizer.state[p]["mechanic_ref" | "mechanic_delta"]``, the tuner's scalars and the
+hyperparameters under ``optimizer.param_groups[0]["mechanic_*"]``. While the base optimizer
+steps, the buffers are hidden from parameters whose base state is otherwise empty, because
+torch optimizers initialise their state lazily when ``len(state[p]) == 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from . import tuner
+from .reduce import NoReduce, Reducer
+from .tuner import Hyper, TunerState
+
+FORMAT_VERSION = 1
+REF, DELTA = "mechanic_ref", "mechanic_delta"
+PARAM_KEYS = (REF, DELTA)
+_TUNER_KEYS = ("r", "m", "v", "s", "step", "skipped")
+_HYPER_KEYS = ("weight_decay", "eps", "s_init", "num_betas", "store_delta")
+
+try:  # DTensor parameters (FSDP2, TP): Mechanic works on the local shard.
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = ()  # type: ignore[assignment,misc]
+
+
+def local(t: Tensor) -> Tensor:
+    """The part of ``t`` this rank holds."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def delta_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Delta is float32 for 16-bit parameters, so it holds the direction exactly."""
+    return torch.float32 if param_dtype in (torch.bfloat16, torch.float16) else param_dtype
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    if a.dtype != b.dtype:
+        wide = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(wide), b.to(wide)
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def mechanic_params(optimizer: torch.optim.Optimizer) -> list[tuple[int, Tensor, bool]]:
+    """(state-dict index, parameter, maximize) of every parameter under Mechanic."""
+    out, index = [], 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if group.get("mechanic", True):
+                out.append((index, p, bool(group.get("maximize", False))))
+            index += 1
+    return out
+
+
+@dataclass
+class _Bucket:
+    """Parameters sharing a device and dtype: one foreach call each."""
+
+    params: list[Tensor]
+    negate: list[bool]  # base optimizer maximizes: Mechanic sees the gradient of -loss
+
+
+@dataclass
+class _Pending:
+    S_old: Tensor | None  # None: an idle step (see Engine.prepare)
+    S_new: Tensor | None
+    diffs: list[list[Tensor]] | None  # per bucket, x_t - x_ref (store_delta=False only)
+
+
+class Engine:
+    """The Mechanic tuner attached to one base optimizer."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, hyper: Hyper, reducer: Reducer | None = None):
+        _check_optimizer(optimizer)
+        self.optimizer = optimizer
+        self.hyper = hyper
+        self.reducer: Reducer = NoReduce() if reducer is None else reducer
+        if not callable(getattr(self.reducer, "all_reduce_sum", None)):
+            raise TypeError(f"Invalid reducer: {reducer!r}; pass an object with all_reduce_sum(tensor) -> tensor")
+        self._index_params()
+        first = self._params[0]
+        self.dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
+        self.device = local(first).device
+        self.tuner = TunerState.fresh(hyper, self.dtype, self.device)
+        self._beta = tuner.betas(hyper.num_betas, self.dtype, self.device)
+        self._buf: dict[Tensor, dict[str, Tensor]] = {}
+        self._started = False
+        self._pending: _Pending | None = None
+        self._last: dict[str, Tensor] = {}
+        self._published_state: Any = None
+        self._published_group: Any = None
+        self._bare: list[Tensor] = []
+        optimizer._manic_engine = self  # type: ignore[attr-defined]
+        self.publish()
+
+    # ------------------------------------------------------------------ parameters
+    def _index_params(self) -> None:
+        entries = mechanic_params(self.optimizer)
+        if not entries:
+            raise ValueError("The optimizer has no parameters under Mechanic; pass an optimizer with parameters "
+                             "(a param group with 'mechanic': False takes no part)")
+        devices = {local(p).device for _, p, _ in entries}
+        if len(devices) > 1:
+            raise ValueError(f"Parameters under Mechanic live on several devices {sorted(map(str, devices))}; "
+                             "Mechanic needs them on one device (use one optimizer per device)")
+        for i, p, _ in entries:
+            if p.is_complex():
+                raise TypeError(f"Parameter {i} is complex ({p.dtype}); Mechanic supports real floating-point "
+                                "parameters only (view it as real with torch.view_as_real)")
+            if not p.is_floating_point():
+                raise TypeError(f"Parameter {i} has dtype {p.dtype}; Mechanic needs floating-point parameters")
+        self._entries = entries
+        self._params = [p for _, p, _ in entries]
+        self._num_params = sum(len(g["params"]) for g in self.optimizer.param_groups)
+        buckets: dict[tuple[torch.device, torch.dtype], _Bucket] = {}
+        for _, p, negate in entries:
+            b = buckets.setdefault((local(p).device, p.dtype), _Bucket([], []))
+            b.params.append(p)
+            b.negate.append(negate)
+        self._buckets = list(buckets.values())
+
+    def params_added(self) -> None:
+        """Bring parameters added by ``add_param_group`` under Mechanic."""
+        old = set(self._buf)
+        self._index_params()
+        if self._started:
+            with torch.no_grad():
+                for p in self._params:
+                    if p not in old:
+                        self._buf[p] = self._new_buffers(p)
+        self.publish(full=True)
+
+    def _check_unchanged(self) -> None:
+        n = sum(len(g["params"]) for g in self.optimizer.param_groups)
+        if n != self._num_params:
+            raise RuntimeError(f"The base optimizer now has {n} parameters, {self._num_params} when Mechanic was "
+                               "attached; add parameter groups through the mechanized optimizer's add_param_group")
+
+    # ------------------------------------------------------------------ the step
+    def _all_lr_zero(self) -> bool:
+        lrs = [g.get("lr") for g in self.optimizer.param_groups if g.get("mechanic", True)]
+        return all(isinstance(lr, (int, float)) and lr == 0 for lr in lrs)
+
+    def _new_buffers(self, p: Tensor) -> dict[str, Tensor]:
+        buf = {REF: p.detach().clone()}
+        if self.hyper.store_delta:
+            buf[DELTA] = torch.zeros_like(p, dtype=delta_dtype(p.dtype))
+        return buf
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Everything before the base step: partial sums, the one reduce, the tuner update."""
+        if self._pending is not None:
+            raise RuntimeError("Mechanic's step was called twice without the base optimizer stepping in between; "
+                               "call updater.step() after each mechanic.step()")
+        self._check_unchanged()
+        if not self._started:
+            # Mechanic starts at the first step with a non-zero learning rate. Before it, the
+            # base update is zero, so starting later leaves the trajectory as it is; and
+            # torch's lazy state initialisation (a step at lr=0 with zero gradients, used by
+            # torch.distributed.checkpoint) then creates the buffers but moves nothing.
+            self._buf = {p: self._new_buffers(p) for p in self._params}
+            self._published_state = None
+            if self._all_lr_zero():
+                self._pending = _Pending(None, None, None)
+                return
+            self._started = True
+        sums, diffs = self._local_sums()
+        sums = self.reducer.all_reduce_sum(sums)
+        S_old = self.tuner.s.sum()
+        h, S_new = tuner.step_(self.tuner, sums, self.hyper, self._beta)
+        self._last = {"h": h, "grad_norm": sums[tuner.G_SQ].sqrt(), "param_norm": sums[tuner.X_SQ].sqrt()}
+        self._pending = _Pending(S_old, S_new, diffs)
+
+    def _local_sums(self) -> tuple[Tensor, list[list[Tensor]] | None]:
+        g_dot_d, x_dot_d, g_norms, x_norms = [], [], [], []
+        all_diffs = None if self.hyper.store_delta else []
+        for b in self._buckets:
+            xs = [local(p) for p in b.params]
+            if self.hyper.store_delta:
+                ds = [local(self._buf[p][DELTA]) for p in b.params]
+            else:
+                ds = torch._foreach_sub(xs, [local(self._buf[p][REF]) for p in b.params])
+                all_diffs.append(ds)
+            gs = []
+            for p, x, d, negate in zip(b.params, xs, ds, b.negate):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse or g.layout != torch.strided:
+                    raise RuntimeError("Mechanic does not support sparse gradients; use a dense gradient "
+                                       "(e.g. nn.Embedding(sparse=False))")
+                g = local(g)
+                gs.append(g)
+                dot = _dot(g, d)
+                g_dot_d.append(-dot if negate else dot)
+            x_dot_d.extend(_dot(x, d) for x, d in zip(xs, ds))
+            if gs:
+                g_norms.extend(torch._foreach_norm(gs, 2, dtype=self.dtype))
+            x_norms.extend(torch._foreach_norm(xs, 2, dtype=self.dtype))
+
+        def total(parts: list[Tensor]) -> Tensor:
+            if not parts:
+                return torch.zeros((), dtype=self.dtype, device=self.device)
+            return torch.stack([t.to(self.dtype) for t in parts]).sum()
+
+        def total_sq(norms: list[Tensor]) -> Tensor:
+            return total([n * n for n in norms])
+
+        sums = torch.stack([total(g_dot_d), total(x_dot_d), total_sq(g_norms), total_sq(x_norms)])
+        return sums, all_diffs
+
+    def run_base_step(self, step: Callable[[], Any]) -> Any:
+        """Run the base optimizer's step with Mechanic's buffers hidden where they would
+        make the base think it had already initialised a parameter's state."""
+        self.publish(full=False)
+        state = self.optimizer.state
+        for p in self._bare:
+            for k in PARAM_KEYS:
+                state[p].pop(k, None)
+        try:
+            return step()
+        finally:
+            self.publish(full=False)
+
+    def finish_check(self) -> None:
+        if self._pending is None:
+            raise RuntimeError("The base optimizer is about to step without Mechanic's step before it; "
+                               "call mechanic.step() before updater.step()")
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Everything after the base step: x = x_ref + S_new * (D + u)."""
+        self.finish_check()
+        pending, self._pending = self._pending, None
+        if pending.S_old is None:
+            return
+        S_old, S_new = pending.S_old, pending.S_new
+        for i, b in enumerate(self._buckets):
+            xs = [local(p) for p in b.params]
+            refs = [local(self._buf[p][REF]) for p in b.params]
+            torch._foreach_sub_(xs, refs)  # x_after - x_ref
+            if self.hyper.store_delta:
+                # Delta + u = Delta + (x_after - x_ref) - S_old * Delta: no copy of x_t needed.
+                ds = [local(self._buf[p][DELTA]) for p in b.params]
+                torch._foreach_mul_(ds, 1 - S_old)
+                torch._foreach_add_(ds, xs)
+                torch._foreach_copy_(xs, ds)
+            else:
+                diffs = pending.diffs[i]
+                torch._foreach_sub_(xs, diffs)  # u = x_after - x_t
+                torch._foreach_mul_(diffs, torch.reciprocal(S_old + self.hyper.eps))  # D_t
+                torch._foreach_add_(xs, diffs)
+            torch._foreach_mul_(xs, S_new)
+            torch._foreach_add_(xs, refs)
+
+    def cancel(self) -> None:
+        """Forget a prepared step whose base step failed (the tuner has moved; buffers have not)."""
+        self._pending = None
+
+    # ------------------------------------------------------------------ what users read
+    @property
+    def scale(self) -> Tensor:
+        return self.tuner.s.sum()
+
+    def stats(self) -> dict[str, Tensor]:
+        out = {"scale": self.scale, "step": self.tuner.step, "skipped_steps": self.tuner.skipped}
+        out.update(self._last)
+        return out
+
+    # ------------------------------------------------------------------ publishing
+    def group_entries(self) -> dict[str, Any]:
+        out: dict[str, Any] = {f"mechanic_{k}": t for k, t in self.tuner.tensors().items()}
+        out.update({f"mechanic_{k}": getattr(self.hyper, k) for k in _HYPER_KEYS})
+        out["mechanic_version"] = FORMAT_VERSION
+        return out
+
+    def publish(self, full: bool = True) -> None:
+        """Make the base optimizer's state and first param group carry Mechanic's tensors."""
+        group = self.optimizer.param_groups[0]
+        if group is not self._published_group or group.get("mechanic_s") is not self.tuner.s:
+            group.update(self.group_entries())
+            self._published_group = group
+        state = self.optimizer.state
+        if state is not self._published_state:
+            full, self._published_state = True, state
+        if not self._buf:
+            self._bare = []
+            return
+        for p in self._params if full else self._bare:
+            state[p].update(self._buf[p])
+        candidates = self._params if full else self._bare
+        self._bare = [p for p in candidates if len(state[p]) == len(self._buf[p])]
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Mechanic's own state: {"state": {index: {mechanic_ref, mechanic_delta}}, "tuner": {mechanic_*}}."""
+        return {"state": {i: dict(self._buf[p]) for i, p, _ in self._entries if p in self._buf},
+                "tuner": self.group_entries()}
+
+    def check_state_dict(self, sd: dict[str, Any]) -> None:
+        """Raise ValueError if ``sd`` (the form of ``state_dict``) cannot be loaded here."""
+        t = sd.get("tuner")
+        if not isinstance(t, dict):
+            raise ValueError("Not a Mechanic state dict: it has no 'tuner' entry")
+        version = t.get("mechanic_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(f"Unsupported Mechanic state format version {version!r}; this manic reads <= {FORMAT_VERSION}")
+        for k in _HYPER_KEYS:
+            saved, mine = t.get(f"mechanic_{k}"), getattr(self.hyper, k)
+            if saved != mine or type(saved) is not type(mine) and isinstance(mine, bool):
+                raise ValueError(f"Checkpoint has {k}={saved!r} but this Mechanic has {k}={mine!r}; "
+                                 f"build it with {k}={saved!r} to resume this run")
+        n = self.hyper.num_betas
+        for k in _TUNER_KEYS:
+            v = t.get(f"mechanic_{k}")
+            want = (n,) if k in ("r", "m", "v", "s") else ()
+            if not isinstance(v, Tensor) or tuple(v.shape) != want:
+                raise ValueError(f"Checkpoint entry mechanic_{k} should be a tensor of shape {want}, got {v!r:.80}")
+        state = sd.get("state", {})
+        mine_by_index = {i: p for i, p, _ in self._entries}
+        want_keys = set(PARAM_KEYS if self.hyper.store_delta else (REF,))
+        started = int(t["mechanic_step"]) > 0
+        for i, p in mine_by_index.items():
+            entry = {k: v for k, v in state.get(i, {}).items() if k in PARAM_KEYS}
+            if not entry:
+                if started:
+                    raise ValueError(f"Checkpoint has no Mechanic buffers for parameter {i}; it comes from another "
+                                     "model or optimizer layout")
+                continue
+            if set(entry) != want_keys:
+                raise ValueError(f"Checkpoint parameter {i} has Mechanic buffers {sorted(entry)}, expected "
+                                 f"{sorted(want_keys)} (store_delta={self.hyper.store_delta})")
+            for k, v in entry.items():
+                if not isinstance(v, Tensor) or v.shape != p.shape:
+                    shape = getattr(v, "shape", None)
+                    raise ValueError(f"Checkpoint {k} of parameter {i} has shape {tuple(shape) if shape is not None else v!r}, "
+                                     f"the parameter has {tuple(p.shape)}; it comes from another model")
+        extra = sorted(i for i, entry in state.items() if i not in mine_by_index and any(k in PARAM_KEYS for k in entry))
+        if extra:
+            raise ValueError(f"Checkpoint has Mechanic buffers for parameters {extra}, which are not under Mechanic here")
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict[str, Any] | None) -> None:
+        """Load a checked state dict; None starts Mechanic afresh from the current parameters."""
+        self._pending = None
+        self._last = {}
+        if sd is None:
+            self.tuner.copy_(TunerState.fresh(self.hyper, self.dtype, self.device))
+            self._buf, self._started = {}, False
+        else:
+            self.check_state_dict(sd)
+            t = sd["tuner"]
+            for k, dst in self.tuner.tensors().items():
+                dst.copy_(t[f"mechanic_{k}"])
+            state = sd.get("state", {})
+            buf = {}
+            for i, p, _ in self._entries:
+                entry = state.get(i)
+                if entry and REF in entry:
+                    buf[p] = {k: self._placed(p, k, entry[k]) for k in PARAM_KEYS if k in entry}
+            self._started = int(self.tuner.step) > 0
+            self._buf = buf if buf else {}
+        self._published_state = None
+        self.publish()
+
+    def _placed(self, p: Tensor, key: str, value: Tensor) -> Tensor:
+        dtype = p.dtype if key == REF else delta_dtype(p.dtype)
+        if isinstance(p, DTensor) and not isinstance(value, DTensor):
+            raise ValueError(f"Checkpoint {key} is a plain tensor but its parameter is a DTensor; "
+                             "load sharded state with torch.distributed.checkpoint")
+        return value.detach().to(device=p.device, dtype=dtype, copy=True)
+
+
+def strip_mechanic(sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Split a full optimizer state dict into (the base optimizer's part, Mechanic's part or None)."""
+    groups = [dict(g) for g in sd["param_groups"]]
+    tuner_entries = {}
+    for g in groups:
+        for k in [k for k in g if k.startswith("mechanic_")]:
+            value = g.pop(k)
+            tuner_entries.setdefault(k, value)
+    state, params = {}, {}
+    for i, entry in sd["state"].items():
+        mine = {k: v for k, v in entry.items() if k in PARAM_KEYS}
+        state[i] = {k: v for k, v in entry.items() if k not in PARAM_KEYS}
+        if mine:
+            params[i] = mine
+    base = dict(sd)
+    base["state"], base["param_groups"] = state, groups
+    if not tuner_entries:
+        return base, None
+    return base, {"state": params, "tuner": tuner_entries}
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"Mechanic wraps a torch.optim.Optimizer instance, got {type(optimizer).__name__}; "
+                        "build the base optimizer first, e.g. torch.optim.AdamW(model.parameters())")
+    if getattr(optimizer, "_manic_engine", None) is not None or hasattr(optimizer, "_engine"):
+        raise TypeError("This optimizer is already under Mechanic; wrap the base optimizer once")
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise TypeError("LBFGS is not supported: its step re-evaluates the closure at trial points, "
+                        "which Mechanic's rebase cannot follow; use a first-order optimizer")
+    for group in optimizer.param_groups:
+        clash = [k for k in group if k.startswith("mechanic_")]
+        if clash:
+            raise ValueError(f"The base optimizer's param group already has keys {clash}; Mechanic reserves "
+                             "the prefix 'mechanic_'")
+    for st in optimizer.state.values():
+        clash = [k for k in st if isinstance(k, str) and k.startswith("mechanic_")]
+        if clash:
+            raise ValueError(f"The base optimizer's state already has keys {clash}; Mechanic reserves the "
+                             "prefix 'mechanic_'")

@@ -1,0 +1,126 @@
+"""The seed API: ``Updater`` (base optimizer + LR scheduler) and ``Mechanic`` (the tuner).
+
+    updater = Updater(optimizer, lr_scheduler)
+    mechanic = Mechanic(updater)
+    loss.backward(); mechanic.step(); updater.step()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .engine import Engine, strip_mechanic
+from .reduce import Reducer
+from .tuner import Hyper
+
+
+class Updater:
+    """Steps a base optimizer and then its LR scheduler (a static schedule if none)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_scheduler: Any = None) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Updater takes a torch.optim.Optimizer instance, got {type(optimizer).__name__}")
+        if lr_scheduler is not None:
+            if not callable(getattr(lr_scheduler, "step", None)):
+                raise TypeError(f"lr_scheduler must be an LR scheduler with step(), got {type(lr_scheduler).__name__}")
+            owner = getattr(lr_scheduler, "optimizer", optimizer)
+            if owner is not optimizer and getattr(owner, "base_optimizer", None) is not optimizer:
+                raise ValueError("lr_scheduler is attached to another optimizer; build it on this optimizer")
+        self.base_optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self._engine: Engine | None = None
+
+    def step(self) -> None:
+        """Step the base optimizer (rebased by Mechanic, if attached), then the scheduler."""
+        engine = self._engine
+        if engine is None:
+            self.base_optimizer.step()
+        else:
+            engine.finish_check()
+            try:
+                engine.run_base_step(self.base_optimizer.step)
+            except BaseException:
+                engine.cancel()
+                raise
+            engine.finish()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def get_last_lr(self) -> list[float]:
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler.get_last_lr()
+        return [group["lr"] for group in self.base_optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's and the scheduler's state (Mechanic's is in ``mechanic.state_dict()``)."""
+        base, _ = strip_mechanic(self.base_optimizer.state_dict())
+        sched = self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None
+        return {"base_optimizer": base, "lr_scheduler": sched}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        base, _ = strip_mechanic(state_dict["base_optimizer"])
+        self.base_optimizer.load_state_dict(base)
+        if self.lr_scheduler is not None and state_dict.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state_dict["lr_scheduler"])
+        if self._engine is not None:
+            self._engine.publish()
+
+
+class Mechanic:
+    """Tunes the scale of the updates of ``updater``'s base optimizer.
+
+    Call ``mechanic.step()`` after ``loss.backward()`` and before ``updater.step()``.
+    """
+
+    def __init__(self, updater: Updater, *, weight_decay: float = 1e-2, eps: float = 1e-8, s_init: float = 1e-6,
+                 num_betas: int = 6, store_delta: bool = True, reducer: Reducer | None = None) -> None:
+        if not isinstance(updater, Updater):
+            raise TypeError(f"Mechanic takes a manic.Updater, got {type(updater).__name__}; "
+                            "build Updater(optimizer, lr_scheduler) first (or use manic.mechanize(optimizer))")
+        hyper = Hyper(weight_decay=weight_decay, eps=eps, s_init=s_init, num_betas=num_betas, store_delta=store_delta)
+        self.updater = updater
+        self._engine = Engine(updater.base_optimizer, hyper, reducer)
+        updater._engine = self._engine
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The base optimizer (kept for the seed README's load snippet)."""
+        return self.updater.base_optimizer
+
+    @optimizer.setter
+    def optimizer(self, value: torch.optim.Optimizer) -> None:
+        if value is not self.updater.base_optimizer:
+            raise ValueError("Mechanic.optimizer is the updater's base optimizer and cannot be replaced; "
+                             "build a new Updater and Mechanic for another optimizer")
+
+    @property
+    def hyper(self) -> Hyper:
+        return self._engine.hyper
+
+    @property
+    def scale(self) -> Tensor:
+        """The current scale S (sum of the per-beta scales), a 0-dim tensor on the device."""
+        return self._engine.scale
+
+    def stats(self) -> dict[str, Tensor]:
+        return self._engine.stats()
+
+    def get_last_lr(self) -> list[float]:
+        """``[float(scale)]``, like an LR scheduler (reading it syncs with the device)."""
+        return [float(self.scale)]
+
+    def step(self) -> None:
+        """Compute the tuner update from the current gradients; ``updater.step()`` applies it."""
+        self._engine.prepare()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._engine.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._engine.load_state_dict(state_dict)

@@ -1,0 +1,117 @@
+"""The Mechanic scale tuner: state and one update, in the notation of ALGORITHM.md.
+
+Everything here works on a handful of small tensors (length ``n``) that live on the
+parameters' device, so a step never waits for the device. Nothing here knows about
+parameters, optimizers or process groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Layout of the packed tensor of global sums that one step reduces across ranks.
+# With D the accumulated direction (Delta, or x - x_ref in the recompute form):
+G_DOT_D, X_DOT_D, G_SQ, X_SQ = range(4)
+NUM_SUMS = 4
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Mechanic's hyperparameters (the same keywords in every entry point)."""
+
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    s_init: float = 1e-6
+    num_betas: int = 6
+    store_delta: bool = True
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: object, fix: str) -> ValueError:
+            return ValueError(f"Invalid {name}: {value!r}; {fix}")
+
+        if isinstance(self.num_betas, bool) or not isinstance(self.num_betas, int) or self.num_betas < 1:
+            raise bad("num_betas", self.num_betas, "pass a positive int (default 6)")
+        for name in ("weight_decay", "eps", "s_init"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"Invalid {name}: {value!r}; pass a Python float")
+            if value != value or value in (float("inf"), float("-inf")):
+                raise bad(name, value, "pass a finite float")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", self.weight_decay, "pass a value >= 0 (default 1e-2)")
+        if self.eps <= 0:
+            raise bad("eps", self.eps, "pass a value > 0 (default 1e-8)")
+        if self.s_init <= 0:
+            raise bad("s_init", self.s_init, "pass a value > 0 (default 1e-6)")
+        if not isinstance(self.store_delta, bool):
+            raise TypeError(f"Invalid store_delta: {self.store_delta!r}; pass True or False")
+
+
+@dataclass
+class TunerState:
+    """The tuner's state: four length-n vectors and two counters.
+
+    r: reward (stored unclamped), m: running max of |h|, v: running sum of squares of h,
+    s: the per-beta scales; their sum S scales the base optimizer's accumulated updates.
+    step counts the steps taken, skipped the steps whose sums were not finite.
+    """
+
+    r: Tensor  # (n,)
+    m: Tensor  # (n,)
+    v: Tensor  # (n,)
+    s: Tensor  # (n,)
+    step: Tensor  # () int64
+    skipped: Tensor  # () int64
+
+    @staticmethod
+    def fresh(hyper: Hyper, dtype: torch.dtype, device: torch.device) -> "TunerState":
+        n = hyper.num_betas
+        zeros = lambda: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
+        count = lambda: torch.zeros((), dtype=torch.int64, device=device)  # noqa: E731
+        return TunerState(zeros(), zeros(), zeros(), torch.full((n,), hyper.s_init, dtype=dtype, device=device), count(), count())
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"r": self.r, "m": self.m, "v": self.v, "s": self.s, "step": self.step, "skipped": self.skipped}
+
+    def copy_(self, other: "TunerState") -> None:
+        for name, t in self.tensors().items():
+            t.copy_(getattr(other, name))
+
+
+def betas(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """beta_i = 1 - 10**(-i), i = 1..n."""
+    return torch.tensor([1.0 - 10.0 ** (-i) for i in range(1, n + 1)], dtype=dtype, device=device)
+
+
+def step_(state: TunerState, sums: Tensor, hyper: Hyper, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """One tuner update from the reduced global sums, in place; returns (h, new S).
+
+    ``sums`` holds <g, D>, <x, D>, ||g||^2, ||x||^2, where D is Delta (store_delta=True) or
+    x - x_ref (store_delta=False; the division by S + eps of ALGORITHM.md step 1 happens here).
+    A step whose sums are not finite leaves the state as it was and counts as skipped;
+    the choice is made on the device, so no host sync happens.
+    """
+    eps, lam = hyper.eps, hyper.weight_decay
+    S = state.s.sum()
+    g_dot_d, x_dot_d, g_sq, x_sq = sums.unbind()
+    gn, xn = g_sq.sqrt(), x_sq.sqrt()
+    # h = <g + lam * S * |g| / (|x| + eps) * x, D>
+    h = g_dot_d + lam * S * gn / (xn + eps) * x_dot_d
+    if not hyper.store_delta:
+        h = h / (S + eps)
+
+    hc = torch.minimum(torch.maximum(h, -state.m), state.m)  # clip with the OLD m
+    m = torch.maximum(beta * state.m, h.abs() + eps)
+    v = beta * beta * state.v + h * h
+    r = beta * state.r - hc * state.s
+    s = (hyper.s_init / hyper.num_betas * m + r.clamp(min=0)) / (v.sqrt() + eps)
+
+    ok = torch.isfinite(torch.cat([sums, h.reshape(1), m, v, r, s])).all()
+    for old, new in ((state.m, m), (state.v, v), (state.r, r), (state.s, s)):
+        old.copy_(torch.where(ok, new, old))
+    state.step.add_(ok.to(torch.int64))
+    state.skipped.add_((~ok).to(torch.int64))
+    return h, state.s.sum()
