@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import tuner
-from .reduce import NoReduce, Reducer
+from .reduce import NoReduce, Reducer, check_config, detect
 from .tuner import Hyper, TunerState
 
 FORMAT_VERSION = 1
@@ -70,6 +70,7 @@ class _Bucket:
 
     params: list[Tensor]
     negate: list[bool]  # base optimizer maximizes: Mechanic sees the gradient of -loss
+    counted: list[bool]  # this rank adds the parameter to the sums (replicas count once)
 
 
 @dataclass
@@ -82,14 +83,24 @@ class _Pending:
 class Engine:
     """The Mechanic tuner attached to one base optimizer."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, hyper: Hyper, reducer: Reducer | None = None):
+    def __init__(self, optimizer: torch.optim.Optimizer, hyper: Hyper, reducer: Reducer | None = None,
+                 process_group: Any = None, device_mesh: Any = None):
         _check_optimizer(optimizer)
+        if reducer is not None:
+            if not callable(getattr(reducer, "all_reduce_sum", None)):
+                raise TypeError(f"Invalid reducer: {reducer!r}; pass an object with all_reduce_sum(tensor) -> tensor")
+            if process_group is not None or device_mesh is not None:
+                raise ValueError("Pass one of reducer=, process_group= and device_mesh=")
         self.optimizer = optimizer
         self.hyper = hyper
-        self.reducer: Reducer = NoReduce() if reducer is None else reducer
-        if not callable(getattr(self.reducer, "all_reduce_sum", None)):
-            raise TypeError(f"Invalid reducer: {reducer!r}; pass an object with all_reduce_sum(tensor) -> tensor")
+        self._reduce_args = (reducer, process_group, device_mesh)
         self._index_params()
+        check_config({"weight_decay": hyper.weight_decay, "eps": hyper.eps, "s_init": hyper.s_init,
+                      "num_betas": hyper.num_betas, "store_delta": hyper.store_delta,
+                      "reducer": type(self.reducer).__name__,
+                      # pipeline stages (an explicit group) hold different parameters
+                      "num_params": len(self._params) if process_group is None and reducer is None else None},
+                     group=process_group)
         first = self._params[0]
         self.dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
         self.device = local(first).device
@@ -124,11 +135,17 @@ class Engine:
         self._entries = entries
         self._params = [p for _, p, _ in entries]
         self._num_params = sum(len(g["params"]) for g in self.optimizer.param_groups)
+        reducer, process_group, device_mesh = self._reduce_args
+        if reducer is not None:
+            self.reducer, counted = reducer, [True] * len(self._params)
+        else:
+            self.reducer, counted = detect(self._params, process_group, device_mesh)
         buckets: dict[tuple[torch.device, torch.dtype], _Bucket] = {}
-        for _, p, negate in entries:
-            b = buckets.setdefault((local(p).device, p.dtype), _Bucket([], []))
+        for (_, p, negate), c in zip(entries, counted):
+            b = buckets.setdefault((local(p).device, p.dtype), _Bucket([], [], []))
             b.params.append(p)
             b.negate.append(negate)
+            b.counted.append(c)
         self._buckets = list(buckets.values())
 
     def params_added(self) -> None:
@@ -194,8 +211,12 @@ class Engine:
             else:
                 ds = torch._foreach_sub(xs, [local(self._buf[p][REF]) for p in b.params])
                 all_diffs.append(ds)
-            gs = []
-            for p, x, d, negate in zip(b.params, xs, ds, b.negate):
+            gs, counted_xs = [], []
+            for p, x, d, negate, counted in zip(b.params, xs, ds, b.negate, b.counted):
+                if not counted:
+                    continue
+                counted_xs.append(x)
+                x_dot_d.append(_dot(x, d))
                 g = p.grad
                 if g is None:
                     continue
@@ -206,10 +227,10 @@ class Engine:
                 gs.append(g)
                 dot = _dot(g, d)
                 g_dot_d.append(-dot if negate else dot)
-            x_dot_d.extend(_dot(x, d) for x, d in zip(xs, ds))
             if gs:
                 g_norms.extend(torch._foreach_norm(gs, 2, dtype=self.dtype))
-            x_norms.extend(torch._foreach_norm(xs, 2, dtype=self.dtype))
+            if counted_xs:
+                x_norms.extend(torch._foreach_norm(counted_xs, 2, dtype=self.dtype))
 
         def total(parts: list[Tensor]) -> Tensor:
             if not parts:

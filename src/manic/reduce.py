@@ -4,12 +4,18 @@ A reducer has one method, ``all_reduce_sum(tensor)``, which returns the elementw
 ``tensor`` over every rank that holds a part of the model. Mechanic calls it exactly once per
 step with one small packed tensor. ``NoReduce`` is the single-process (and fully replicated,
 e.g. DDP) case: the local sums already are the global ones, so no collective is issued.
+
+``detect`` picks the reducer from the parameters and says, per parameter, whether this rank
+adds it to the sums: a parameter replicated across ranks of the reduction group is counted
+once, by the group member at coordinate 0 of the replicated mesh dimensions.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
+import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
@@ -28,3 +34,109 @@ class NoReduce:
 
     def __repr__(self) -> str:
         return "NoReduce()"
+
+
+class ProcessGroupReducer:
+    """One all-reduce (sum) over a torch.distributed process group."""
+
+    def __init__(self, group: Any = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ProcessGroupReducer needs torch.distributed to be initialised first "
+                               "(torch.distributed.init_process_group)")
+        self.group = group if group is not None else dist.group.WORLD
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def __repr__(self) -> str:
+        return f"ProcessGroupReducer(size={dist.get_world_size(self.group)})"
+
+
+# --------------------------------------------------------------------------- detection
+def is_fsdp1_flat(p: Tensor) -> bool:
+    """True for FSDP1's flat parameters and, with use_orig_params=True, for the original
+    parameters viewing them: FSDP1 marks both with this private flag (torch >= 2.0)."""
+    return bool(getattr(p, "_fsdp_flattened", False))
+
+
+def _dtensor_type() -> Any:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return ()
+    return DTensor
+
+
+def _sharded_dims(p: Any) -> set[int]:
+    from torch.distributed.tensor import Replicate, Shard
+
+    dims = set()
+    for d, placement in enumerate(p.placements):
+        if isinstance(placement, Shard) or type(placement).__name__ == "_StridedShard":
+            dims.add(d)
+        elif not isinstance(placement, Replicate):
+            raise ValueError(f"Parameter placement {placement} on mesh dim {d} is not supported "
+                             "(parameters must be Shard or Replicate); pass process_group= explicitly")
+    return dims
+
+
+def _mesh_group(mesh: Any, dims: set[int]) -> Any:
+    if mesh.ndim == 1 or len(dims) == 1:
+        return mesh.get_group(next(iter(dims)) if dims else 0)
+    if len(dims) == mesh.ndim and mesh.size() == dist.get_world_size():
+        return dist.group.WORLD
+    raise ValueError(f"Parameters are sharded over mesh dims {sorted(dims)} of a {mesh.ndim}-D mesh that does "
+                     "not span the world; pass process_group= (a group spanning those dims) explicitly")
+
+
+def detect(params: Sequence[Tensor], process_group: Any = None, device_mesh: Any = None
+           ) -> tuple[Reducer, list[bool]]:
+    """(reducer, whether this rank adds each parameter to the sums)."""
+    if process_group is not None and device_mesh is not None:
+        raise ValueError("Pass process_group= or device_mesh=, not both")
+    DTensor = _dtensor_type()
+    dtensors = [p for p in params if isinstance(p, DTensor)]
+    if device_mesh is not None or dtensors:
+        meshes = {id(p.device_mesh): p.device_mesh for p in dtensors}
+        mesh = device_mesh if device_mesh is not None else next(iter(meshes.values()))
+        if any(m != mesh for m in meshes.values()):
+            raise ValueError("Parameters live on different device meshes; pass device_mesh= or process_group= "
+                             "(the group over which they are sharded) explicitly")
+        if device_mesh is not None:
+            dims = set(range(mesh.ndim))
+        else:
+            dims = set().union(*(_sharded_dims(p) for p in dtensors))
+        if not dims:  # every parameter replicated everywhere: like DDP
+            return NoReduce(), [True] * len(params)
+        coord = mesh.get_coordinate()
+        contributes = []
+        for p in params:
+            if isinstance(p, DTensor):
+                replicated_in_group = dims - _sharded_dims(p)
+                contributes.append(all(coord[d] == 0 for d in replicated_in_group))
+            else:  # a plain tensor next to sharded ones: replicated over the group
+                contributes.append(all(coord[d] == 0 for d in dims))
+        return ProcessGroupReducer(_mesh_group(mesh, dims)), contributes
+    if process_group is not None:
+        return ProcessGroupReducer(process_group), [True] * len(params)
+    if any(is_fsdp1_flat(p) for p in params):
+        rank0 = dist.get_rank() == 0
+        return ProcessGroupReducer(dist.group.WORLD), [is_fsdp1_flat(p) or rank0 for p in params]
+    return NoReduce(), [True] * len(params)
+
+
+def check_config(fields: dict[str, Any], group: Any = None) -> None:
+    """Every rank of ``group`` (default: the world) must agree on ``fields``; raise on all
+    ranks if not. One collective; a no-op in a single process."""
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    if dist.get_world_size(group) == 1:
+        return
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, fields, group=group)
+    diffs = [f"{k}: " + ", ".join(f"rank {r}={g.get(k)!r}" for r, g in enumerate(gathered))
+             for k in fields if len({repr(g.get(k)) for g in gathered}) > 1]
+    if diffs:
+        raise ValueError("Ranks disagree on their Mechanic configuration; build Mechanic identically on "
+                         "every rank. Differences: " + "; ".join(diffs))

@@ -1,0 +1,283 @@
+"""What each rank runs in the distributed tests (importable by forkserver workers).
+
+Every rank trains the same float64 model on the same full batch, so the data-parallel
+gradient equals the single-process one and any difference comes from Mechanic's sums.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import manic
+
+STEPS = 40
+LR = 1e-2
+
+
+def base(params: Any, kind: str = "adamw") -> torch.optim.Optimizer:
+    # Neither reads a step counter on the host, so the sync count below is Mechanic's alone.
+    # (Fused AdamW refuses a mix of DTensor and plain parameters, as in the TP model.)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=LR, momentum=0.9)
+    return torch.optim.AdamW(params, lr=LR, fused=True)
+
+
+class Net(nn.Module):
+    """Small MLP with a 3-element gain (fewer elements than 4 ranks: some shards are empty)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 16)
+        self.fc3 = nn.Linear(16, 2)
+        self.gain = nn.Parameter(torch.tensor([0.7, -0.4, 0.9]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc2(torch.tanh(self.fc1(x))))
+        return self.fc3(h) * self.gain[:2] + self.gain[2]
+
+
+def make_net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net().double()
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(32, 8, generator=g, dtype=torch.float64)
+    return X, torch.stack([X[:, 0].sin(), X[:, 1] * X[:, 2]], dim=1)
+
+
+def full(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+
+
+class Count(TorchDispatchMode):
+    """Counts collectives and host syncs issued inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.collectives = 0
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
+            self.collectives += 1
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, forward: Callable | None = None,
+          counts: list | None = None) -> list[float]:
+    """Full-batch steps; returns the scale after each step; records per-step counts."""
+    X, y = data()
+    scales = []
+    for _ in range(steps):
+        opt.zero_grad()
+        if forward is None:
+            torch.nn.functional.mse_loss(model(X), y).backward()
+        else:
+            forward(X, y)
+        with Count() as c:
+            opt.step()
+        if counts is not None:
+            counts.append((c.collectives, c.syncs))
+        scales.append(opt.scale.item())
+    return scales
+
+
+def baseline(steps: int = STEPS, kind: str = "adamw", **hyper: Any) -> tuple[list[torch.Tensor], list[float]]:
+    model = make_net()
+    opt = manic.mechanize(base(model.parameters(), kind), **hyper)
+    scales = train(model, opt, steps)
+    return [p.detach().clone() for p in model.parameters()], scales
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def compare(name: str, model: nn.Module, scales: list[float], ref: tuple[list[torch.Tensor], list[float]],
+            tol: float = 1e-10) -> dict[str, float]:
+    params = [full(p) for p in model.parameters()]
+    ref_params, ref_scales = ref
+    worst_p = max(rel(a, b) for a, b in zip(params, ref_params))
+    worst_s = max(abs(a - b) / b for a, b in zip(scales, ref_scales))
+    assert worst_p <= tol and worst_s <= tol, f"{name}: params rel {worst_p:.2e}, scale rel {worst_s:.2e}"
+    # the scale is bitwise identical on every rank
+    mine = torch.tensor(scales, dtype=torch.float64)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    assert all(torch.equal(g, gathered[0]) for g in gathered), f"{name}: scales differ across ranks"
+    assert ref_scales[-1] > 1e-3, "the scale never moved: the comparison would be weak"
+    return {"params_rel": worst_p, "scale_rel": worst_s}
+
+
+def check_counts(name: str, counts: list, collectives: int) -> None:
+    assert all(c == (collectives, 0) for c in counts), f"{name}: (collectives, host syncs) per step {counts}"
+
+
+# ----------------------------------------------------------------------------- forms
+def ddp(rank: int, world: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_net())
+    opt = manic.mechanize(base(model.parameters()))
+    counts: list = []
+    scales = train(model, opt, STEPS, counts=counts)
+    check_counts("ddp", counts, 0)
+    return compare("ddp", model.module, scales, baseline())
+
+
+def fsdp1(rank: int, world: int, use_orig_params: bool) -> dict:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = FSDP(make_net(), use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+    opt = manic.mechanize(base(model.parameters()))
+    counts: list = []
+    scales = train(model, opt, STEPS, counts=counts)
+    check_counts(f"fsdp1 orig={use_orig_params}", counts, 1)
+    names = [n for n, _ in make_net().named_parameters()]
+    with FSDP.summon_full_params(model):
+        params = [model.module.get_parameter(n).detach().clone() if use_orig_params else
+                  _attr(model.module, n).detach().clone() for n in names]
+    ref_params, ref_scales = baseline()
+    worst = max(rel(a, b) for a, b in zip(params, ref_params))
+    worst_s = max(abs(a - b) / b for a, b in zip(scales, ref_scales))
+    assert worst <= 1e-10 and worst_s <= 1e-10, f"fsdp1: params {worst:.2e} scale {worst_s:.2e}"
+    gathered = [None] * world
+    dist.all_gather_object(gathered, scales)
+    assert all(g == gathered[0] for g in gathered)
+    return {"params_rel": worst, "scale_rel": worst_s}
+
+
+def _attr(module: nn.Module, name: str) -> torch.Tensor:
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module  # type: ignore[return-value]
+
+
+def shard2(model: Net, mesh: Any = None) -> Net:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in (model.fc1, model.fc2, model.fc3):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def fsdp2(rank: int, world: int) -> dict:
+    model = shard2(make_net())
+    opt = manic.mechanize(base(model.parameters()))
+    counts: list = []
+    scales = train(model, opt, STEPS, counts=counts)
+    check_counts("fsdp2", counts, 1)
+    local = sum(manic_bytes(opt))
+    return {**compare("fsdp2", model, scales, baseline()), "state_bytes": local}
+
+
+def manic_bytes(opt: torch.optim.Optimizer) -> list[int]:
+    out = []
+    for st in opt.state.values():
+        for k, v in st.items():
+            if k.startswith("mechanic_"):
+                t = v.to_local() if hasattr(v, "to_local") else v
+                out.append(t.numel() * t.element_size())
+    return out
+
+
+def hsdp(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    model = shard2(make_net(), mesh)
+    assert tuple(model.fc1.weight.placements) == (Replicate(), Shard(0))
+    opt = manic.mechanize(base(model.parameters()))
+    counts: list = []
+    scales = train(model, opt, STEPS, counts=counts)
+    check_counts("hsdp", counts, 1)
+    return compare("hsdp", model, scales, baseline())
+
+
+def tp(rank: int, world: int) -> dict:
+    """1-D tensor parallel: fc1 column-wise, fc2 row-wise (its bias a Replicate DTensor),
+    fc3 and gain plain replicated tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    model = parallelize_module(make_net(), mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+    opt = manic.mechanize(base(model.parameters(), "sgd"))
+    counts: list = []
+    scales = train(model, opt, STEPS, counts=counts)
+    check_counts("tp", counts, 1)
+    return compare("tp", model, scales, baseline(kind="sgd"))
+
+
+def pipeline(rank: int, world: int) -> dict:
+    """Two stages by hand: rank 0 holds fc1, rank 1 holds fc2, fc3 and gain."""
+    assert world == 2
+    net = make_net()
+    stage = [net.fc1] if rank == 0 else [net.fc2, net.fc3]
+    params = [p for m in stage for p in m.parameters()] + ([] if rank == 0 else [net.gain])
+    opt = manic.mechanize(base(params), process_group=dist.group.WORLD)
+
+    def forward(X: torch.Tensor, y: torch.Tensor) -> None:
+        if rank == 0:
+            h = torch.tanh(net.fc1(X))
+            dist.send(h.detach(), 1)
+            grad = torch.empty_like(h)
+            dist.recv(grad, 1)
+            h.backward(grad)
+        else:
+            h = torch.empty(X.shape[0], 16, dtype=torch.float64)
+            dist.recv(h, 0)
+            h.requires_grad_(True)
+            out = net.fc3(torch.tanh(net.fc2(h))) * net.gain[:2] + net.gain[2]
+            torch.nn.functional.mse_loss(out, y).backward()
+            dist.send(h.grad, 0)
+
+    counts: list = []
+    scales = train(net, opt, STEPS, forward=forward, counts=counts)
+    check_counts("pipeline", counts, 1)
+    ref_params, ref_scales = baseline()
+    mine = {n: p for n, p in net.named_parameters()}
+    ref_named = dict(zip([n for n, _ in make_net().named_parameters()], ref_params))
+    held = [n for n, p in mine.items() if any(p is q for q in params)]
+    worst = max(rel(mine[n].detach(), ref_named[n]) for n in held)
+    worst_s = max(abs(a - b) / b for a, b in zip(scales, ref_scales))
+    assert worst <= 1e-10 and worst_s <= 1e-10, f"pipeline: params {worst:.2e} scale {worst_s:.2e}"
+    return {"params_rel": worst, "scale_rel": worst_s}
+
+
+def two_rank_forms(rank: int, world: int) -> dict:
+    return {"ddp": ddp(rank, world), "fsdp1": fsdp1(rank, world, False), "fsdp1_orig": fsdp1(rank, world, True),
+            "fsdp2": fsdp2(rank, world), "tp": tp(rank, world), "pipeline": pipeline(rank, world)}
+
+
+def four_rank_forms(rank: int, world: int) -> dict:
+    return {"fsdp2": fsdp2(rank, world), "hsdp": hsdp(rank, world)}
+
+
+# ----------------------------------------------------------------------------- config check
+def config_mismatch(rank: int, world: int, field: str) -> str:
+    hyper: dict[str, Any] = {}
+    if rank == 1:
+        hyper = {"weight_decay": {"weight_decay": 0.5}, "store_delta": {"store_delta": False},
+                 "num_betas": {"num_betas": 3}, "eps": {"eps": 1e-6}, "s_init": {"s_init": 1e-5}}.get(field, {})
+    net = make_net()
+    params = list(net.parameters())
+    if field == "num_params" and rank == 1:
+        params = params[:-1]
+    try:
+        manic.mechanize(base(params), **hyper)
+    except ValueError as e:
+        return str(e)
+    return "no error"
