@@ -406,19 +406,27 @@ class Engine:
 
 
 def strip_mechanic(sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Split a full optimizer state dict into (the base optimizer's part, Mechanic's part or None)."""
+    """Split a full optimizer state dict into (the base optimizer's part, Mechanic's part or None).
+
+    Mechanic's per-parameter entries are re-keyed by position in the saved param groups, as
+    torch's load_state_dict matches them (state keys may be integers or, from
+    torch.distributed.checkpoint's helpers, parameter names).
+    """
     groups = [dict(g) for g in sd["param_groups"]]
+    position = {key: i for i, key in enumerate(k for g in groups for k in g.get("params", []))}
     tuner_entries = {}
     for g in groups:
         for k in [k for k in g if k.startswith("mechanic_")]:
             value = g.pop(k)
             tuner_entries.setdefault(k, value)
     state, params = {}, {}
-    for i, entry in sd["state"].items():
+    for key, entry in sd["state"].items():
         mine = {k: v for k, v in entry.items() if k in PARAM_KEYS}
-        state[i] = {k: v for k, v in entry.items() if k not in PARAM_KEYS}
+        state[key] = {k: v for k, v in entry.items() if k not in PARAM_KEYS}
         if mine:
-            params[i] = mine
+            if key not in position:
+                raise ValueError(f"State entry {key!r} belongs to no parameter of the saved param groups")
+            params[position[key]] = mine
     base = dict(sd)
     base["state"], base["param_groups"] = state, groups
     if not tuner_entries:

@@ -7,6 +7,7 @@ its traceback; a rank that hangs (e.g. waiting in a collective) makes the call f
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -27,7 +28,10 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, results
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=pg_timeout))
         try:
-            results.put((rank, True, fn(rank, world, *args)))
+            # tensors travel as bytes: torch's shared-memory passing needs the sender alive
+            buf = io.BytesIO()
+            torch.save(fn(rank, world, *args), buf)
+            results.put((rank, True, buf.getvalue()))
         finally:
             dist.destroy_process_group()
     except BaseException:
@@ -45,6 +49,14 @@ def run(world: int, fn: Callable, *args: Any, timeout: float = 120.0, pg_timeout
         p.start()
     out: dict[int, Any] = {}
     errors: list[str] = []
+
+    def take(item: tuple[int, bool, Any]) -> None:
+        rank, ok, value = item
+        if ok:
+            out[rank] = torch.load(io.BytesIO(value))
+        else:
+            errors.append(f"rank {rank}:\n{value}")
+
     deadline = time.monotonic() + timeout
     try:
         while len(out) + len(errors) < world:
@@ -53,16 +65,16 @@ def run(world: int, fn: Callable, *args: Any, timeout: float = 120.0, pg_timeout
                 raise TimeoutError(f"ranks {sorted(set(range(world)) - set(out))} did not finish within {timeout}s "
                                    f"(deadlock?); errors so far: {errors}")
             try:
-                rank, ok, value = results.get(timeout=min(remaining, 1.0))
+                take(results.get(timeout=min(remaining, 1.0)))
+                continue
             except queue_mod.Empty:
-                if all(not p.is_alive() for p in procs) and results.empty():
+                pass
+            if all(not p.is_alive() for p in procs):
+                try:  # a result may still be in flight from a rank that just exited
+                    take(results.get(timeout=2.0))
+                except queue_mod.Empty:
                     codes = [p.exitcode for p in procs]
                     raise RuntimeError(f"ranks exited without a result (exit codes {codes}); errors: {errors}")
-                continue
-            if ok:
-                out[rank] = value
-            else:
-                errors.append(f"rank {rank}:\n{value}")
     finally:
         for p in procs:
             p.join(timeout=5)

@@ -281,3 +281,68 @@ def config_mismatch(rank: int, world: int, field: str) -> str:
     except ValueError as e:
         return str(e)
     return "no error"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _sharded_run() -> tuple[Net, torch.optim.Optimizer]:
+    model = shard2(make_net())
+    return model, manic.mechanize(base(model.parameters()))
+
+
+def _final(model: nn.Module, scales: list[float]) -> dict:
+    return {"params": [full(p).clone() for p in model.parameters()], "scales": scales}
+
+
+def _load(model: nn.Module, opt: torch.optim.Optimizer, path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    before = [full(p).clone() for p in model.parameters()]
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    # the checkpoint tools' lazy state initialisation moved nothing
+    assert all(torch.equal(a, full(p)) for a, p in zip(before, model.parameters()))
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def dcp_save(rank: int, world: int, path: str, before: int, after: int) -> dict:
+    """Train, save with DCP, continue; also a DSD round trip into fresh objects continues bitwise."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    model, opt = _sharded_run()
+    train(model, opt, before)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=path)
+    model_sd, optim_sd = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
+    model_sd = {k: v.clone() for k, v in model_sd.items()}
+    optim_sd = {"state": {k: {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in v.items()}
+                          for k, v in optim_sd["state"].items()},
+                "param_groups": [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in g.items()}
+                                 for g in optim_sd["param_groups"]]}
+    scales = train(model, opt, after)
+
+    # DSD round trip into freshly built objects
+    model2, opt2 = _sharded_run()
+    set_model_state_dict(model2, model_sd)
+    set_optimizer_state_dict(model2, opt2, optim_sd)
+    scales2 = train(model2, opt2, after)
+    assert scales2 == scales, "DSD round trip: scales differ"
+    assert all(torch.equal(full(a), full(b)) for a, b in zip(model.parameters(), model2.parameters()))
+
+    # DCP resume at the same world size is bitwise
+    model3, opt3 = _sharded_run()
+    _load(model3, opt3, path)
+    scales3 = train(model3, opt3, after)
+    assert scales3 == scales, "DCP resume on the same world size: scales differ"
+    assert all(torch.equal(full(a), full(b)) for a, b in zip(model.parameters(), model3.parameters()))
+    return _final(model, scales)
+
+
+def dcp_resume(rank: int, world: int, path: str, after: int) -> dict:
+    model, opt = _sharded_run()
+    _load(model, opt, path)
+    return _final(model, train(model, opt, after))

@@ -30,3 +30,25 @@ def test_config_mismatch_raises_on_every_rank(field):
     messages = harness.run(2, scenarios.config_mismatch, field, timeout=90)
     for m in messages:
         assert "disagree" in m and field in m, m
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A DCP checkpoint written by 2 FSDP2 ranks after 30 steps, and the uninterrupted run's end."""
+    path = str(tmp_path_factory.mktemp("dcp") / "step30")
+    results = harness.run(2, scenarios.dcp_save, path, 30, 12, timeout=200)
+    return path, results[0]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [1, 4])
+def test_dcp_resharded_resume(saved, world):
+    """Saved on 2 ranks, loaded on 1 and 4: continues like the uninterrupted run (float64, 1e-9)."""
+    path, uninterrupted = saved
+    results = harness.run(world, scenarios.dcp_resume, path, 12, timeout=200)
+    for r in results:
+        for a, b in zip(r["params"], uninterrupted["params"]):
+            assert scenarios.rel(a, b) <= 1e-9
+        for a, b in zip(r["scales"], uninterrupted["scales"]):
+            assert abs(a - b) / b <= 1e-9
+    assert uninterrupted["scales"][-1] > 1e-3
