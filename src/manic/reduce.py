@@ -69,6 +69,7 @@ def _dtensor_type() -> Any:
 
 
 def _sharded_dims(p: Any) -> set[int]:
+    """Dims of ``p.device_mesh`` over which ``p`` is sharded."""
     from torch.distributed.tensor import Replicate, Shard
 
     dims = set()
@@ -81,13 +82,25 @@ def _sharded_dims(p: Any) -> set[int]:
     return dims
 
 
+def _in_root(mesh: Any, root: Any) -> list[int]:
+    """Which dims of ``root`` the dims of ``mesh`` (a sub-mesh of it) are."""
+    if mesh == root:
+        return list(range(mesh.ndim))
+    names, root_names = mesh.mesh_dim_names, root.mesh_dim_names
+    if not names or not root_names or any(n not in root_names for n in names):
+        raise ValueError("Parameters live on device meshes that are not named slices of one mesh; "
+                         "pass device_mesh= or process_group= explicitly")
+    return [root_names.index(n) for n in names]
+
+
 def _mesh_group(mesh: Any, dims: set[int]) -> Any:
-    if mesh.ndim == 1 or len(dims) == 1:
-        return mesh.get_group(next(iter(dims)) if dims else 0)
+    if len(dims) == 1:
+        return mesh.get_group(next(iter(dims)))
     if len(dims) == mesh.ndim and mesh.size() == dist.get_world_size():
         return dist.group.WORLD
-    raise ValueError(f"Parameters are sharded over mesh dims {sorted(dims)} of a {mesh.ndim}-D mesh that does "
-                     "not span the world; pass process_group= (a group spanning those dims) explicitly")
+    raise ValueError(f"Parameters are sharded over dims {sorted(dims)} of a {mesh.ndim}-D mesh; Mechanic "
+                     "reduces over one mesh dim or a mesh spanning the world: pass process_group= (a group "
+                     "spanning those dims) explicitly")
 
 
 def detect(params: Sequence[Tensor], process_group: Any = None, device_mesh: Any = None
@@ -98,26 +111,23 @@ def detect(params: Sequence[Tensor], process_group: Any = None, device_mesh: Any
     DTensor = _dtensor_type()
     dtensors = [p for p in params if isinstance(p, DTensor)]
     if device_mesh is not None or dtensors:
-        meshes = {id(p.device_mesh): p.device_mesh for p in dtensors}
-        mesh = device_mesh if device_mesh is not None else next(iter(meshes.values()))
-        if any(m != mesh for m in meshes.values()):
-            raise ValueError("Parameters live on different device meshes; pass device_mesh= or process_group= "
-                             "(the group over which they are sharded) explicitly")
-        if device_mesh is not None:
-            dims = set(range(mesh.ndim))
-        else:
-            dims = set().union(*(_sharded_dims(p) for p in dtensors))
+        # Work on the root mesh: FSDP2 + TP puts some parameters on a (dp, tp) mesh and
+        # others on its dp slice, which are replicated over tp.
+        root = device_mesh
+        if root is None:
+            root = dtensors[0].device_mesh
+            root = root._get_root_mesh() if hasattr(root, "_get_root_mesh") else root
+        sharded = {}
+        for p in dtensors:
+            in_root = _in_root(p.device_mesh, root)
+            sharded[id(p)] = {in_root[d] for d in _sharded_dims(p)}
+        dims = set(range(root.ndim)) if device_mesh is not None else set().union(*sharded.values())
         if not dims:  # every parameter replicated everywhere: like DDP
             return NoReduce(), [True] * len(params)
-        coord = mesh.get_coordinate()
-        contributes = []
-        for p in params:
-            if isinstance(p, DTensor):
-                replicated_in_group = dims - _sharded_dims(p)
-                contributes.append(all(coord[d] == 0 for d in replicated_in_group))
-            else:  # a plain tensor next to sharded ones: replicated over the group
-                contributes.append(all(coord[d] == 0 for d in dims))
-        return ProcessGroupReducer(_mesh_group(mesh, dims)), contributes
+        coord = root.get_coordinate()
+        # a parameter replicated over some reduced dims is counted by coordinate 0 there
+        contributes = [all(coord[d] == 0 for d in dims - sharded.get(id(p), set())) for p in params]
+        return ProcessGroupReducer(_mesh_group(root, dims)), contributes
     if process_group is not None:
         return ProcessGroupReducer(process_group), [True] * len(params)
     if any(is_fsdp1_flat(p) for p in params):

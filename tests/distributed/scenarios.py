@@ -263,7 +263,8 @@ def two_rank_forms(rank: int, world: int) -> dict:
 
 
 def four_rank_forms(rank: int, world: int) -> dict:
-    return {"fsdp2": fsdp2(rank, world), "hsdp": hsdp(rank, world)}
+    return {"fsdp2": fsdp2(rank, world), "hsdp": hsdp(rank, world), "fsdp_tp": fsdp_tp(rank, world),
+            "grads_none": grads_none_on_one_rank(rank, world)}
 
 
 # ----------------------------------------------------------------------------- config check
@@ -346,3 +347,38 @@ def dcp_resume(rank: int, world: int, path: str, after: int) -> dict:
     model, opt = _sharded_run()
     _load(model, opt, path)
     return _final(model, train(model, opt, after))
+
+
+def fsdp_tp(rank: int, world: int) -> dict:
+    """2-D: tensor parallel over "tp" inside FSDP2 over "dp" (a 2x2 mesh); fc3 and gain live
+    on the dp slice only, replicated over tp."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    model = parallelize_module(make_net(), mesh["tp"], {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+    for layer in (model.fc1, model.fc2, model.fc3):
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    assert model.fc1.weight.device_mesh.ndim == 2 and model.gain.device_mesh.ndim == 1
+    opt = manic.mechanize(base(model.parameters(), "sgd"))
+    counts: list = []
+    scales = train(model, opt, STEPS, counts=counts)
+    check_counts("fsdp_tp", counts, 1)
+    return compare("fsdp_tp", model, scales, baseline(kind="sgd"))
+
+
+def grads_none_on_one_rank(rank: int, world: int) -> dict:
+    """A rank whose every gradient is None still enters the step's collective."""
+    model = shard2(make_net())
+    opt = manic.mechanize(base(model.parameters(), "sgd"))
+    train(model, opt, 3)
+    X, y = data()
+    torch.nn.functional.mse_loss(model(X), y).backward()
+    if rank == world - 1:
+        opt.zero_grad(set_to_none=True)
+    with Count() as c:
+        opt.step()
+    assert c.collectives == 1
+    return {"scale": opt.scale.item()}

@@ -18,10 +18,16 @@ def test_two_ranks_match_single_process():
 
 
 @pytest.mark.timeout(300)
-def test_four_ranks_fsdp2_and_hsdp():
+def test_four_ranks_fsdp2_hsdp_and_2d():
     results = harness.run(4, scenarios.four_rank_forms, timeout=260)
     for r in results:
-        assert r["hsdp"]["params_rel"] <= 1e-10
+        for form in ("fsdp2", "hsdp", "fsdp_tp"):
+            assert r[form]["params_rel"] <= 1e-10 and r[form]["scale_rel"] <= 1e-10, form
+    assert len({r["grads_none"]["scale"] for r in results}) == 1
+    # per-rank Mechanic state falls as 1/world: the shards add up to two copies of the model
+    per_rank = [r["fsdp2"]["state_bytes"] for r in results]
+    total = 2 * 8 * sum(p.numel() for p in scenarios.make_net().parameters())
+    assert sum(per_rank) == total and max(per_rank) <= total / 4 + 2 * 8 * 16, per_rank
 
 
 @pytest.mark.timeout(120)
