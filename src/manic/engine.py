@@ -76,23 +76,28 @@ class _Bucket:
 @dataclass
 class _Pending:
     S_old: Tensor | None  # None: an idle step (see Engine.prepare)
-    S_new: Tensor | None
-    diffs: list[list[Tensor]] | None  # per bucket, x_t - x_ref (store_delta=False only)
+    S_new: Tensor | None = None
+    ok: Tensor | None = None  # the sums were finite (0-dim bool, on the device)
+    diffs: list[list[Tensor]] | None = None  # per bucket, x_t - x_ref (store_delta=False only)
+    skip_base: bool = False  # skip_nonfinite and the sums were not finite
 
 
 class Engine:
     """The Mechanic tuner attached to one base optimizer."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, hyper: Hyper, reducer: Reducer | None = None,
-                 process_group: Any = None, device_mesh: Any = None):
+                 process_group: Any = None, device_mesh: Any = None, skip_nonfinite: bool = False):
         _check_optimizer(optimizer)
         if reducer is not None:
             if not callable(getattr(reducer, "all_reduce_sum", None)):
                 raise TypeError(f"Invalid reducer: {reducer!r}; pass an object with all_reduce_sum(tensor) -> tensor")
             if process_group is not None or device_mesh is not None:
                 raise ValueError("Pass one of reducer=, process_group= and device_mesh=")
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"Invalid skip_nonfinite: {skip_nonfinite!r}; pass True or False")
         self.optimizer = optimizer
         self.hyper = hyper
+        self.skip_nonfinite = skip_nonfinite
         self._reduce_args = (reducer, process_group, device_mesh)
         self._index_params()
         check_config({"weight_decay": hyper.weight_decay, "eps": hyper.eps, "s_init": hyper.s_init,
@@ -191,15 +196,17 @@ class Engine:
             self._buf = {p: self._new_buffers(p) for p in self._params}
             self._published_state = None
             if self._all_lr_zero():
-                self._pending = _Pending(None, None, None)
+                self._pending = _Pending(None)
                 return
             self._started = True
         sums, diffs = self._local_sums()
         sums = self.reducer.all_reduce_sum(sums)
         S_old = self.tuner.s.sum()
-        h, S_new = tuner.step_(self.tuner, sums, self.hyper, self._beta)
+        h, S_new, ok = tuner.step_(self.tuner, sums, self.hyper, self._beta)
         self._last = {"h": h, "grad_norm": sums[tuner.G_SQ].sqrt(), "param_norm": sums[tuner.X_SQ].sqrt()}
-        self._pending = _Pending(S_old, S_new, diffs)
+        # skip_nonfinite: the one host sync, by request
+        skip_base = self.skip_nonfinite and not bool(ok)
+        self._pending = _Pending(S_old, S_new, ok, diffs, skip_base)
 
     def _local_sums(self) -> tuple[Tensor, list[list[Tensor]] | None]:
         g_dot_d, x_dot_d, g_norms, x_norms = [], [], [], []
@@ -246,6 +253,8 @@ class Engine:
     def run_base_step(self, step: Callable[[], Any]) -> Any:
         """Run the base optimizer's step with Mechanic's buffers hidden where they would
         make the base think it had already initialised a parameter's state."""
+        if self._pending is not None and self._pending.skip_base:
+            return None
         self.publish(full=False)
         state = self.optimizer.state
         for p in self._bare:
@@ -266,22 +275,28 @@ class Engine:
         """Everything after the base step: x = x_ref + S_new * (D + u)."""
         self.finish_check()
         pending, self._pending = self._pending, None
-        if pending.S_old is None:
+        if pending.S_old is None or pending.skip_base:
             return
-        S_old, S_new = pending.S_old, pending.S_new
+        S_old, S_new, bad = pending.S_old, pending.S_new, ~pending.ok
         for i, b in enumerate(self._buckets):
             xs = [local(p) for p in b.params]
             refs = [local(self._buf[p][REF]) for p in b.params]
             torch._foreach_sub_(xs, refs)  # x_after - x_ref
             if self.hyper.store_delta:
                 # Delta + u = Delta + (x_after - x_ref) - S_old * Delta: no copy of x_t needed.
+                # A step with non-finite sums keeps Delta (u := 0), and S is unchanged, so the
+                # parameters return to x_ref + S * Delta: nothing non-finite enters the state.
+                for x in xs:
+                    x.masked_fill_(bad, 0)
                 ds = [local(self._buf[p][DELTA]) for p in b.params]
-                torch._foreach_mul_(ds, 1 - S_old)
+                torch._foreach_mul_(ds, 1 - S_old * pending.ok)
                 torch._foreach_add_(ds, xs)
                 torch._foreach_copy_(xs, ds)
             else:
                 diffs = pending.diffs[i]
                 torch._foreach_sub_(xs, diffs)  # u = x_after - x_t
+                for x in xs:
+                    x.masked_fill_(bad, 0)
                 torch._foreach_mul_(diffs, torch.reciprocal(S_old + self.hyper.eps))  # D_t
                 torch._foreach_add_(xs, diffs)
             torch._foreach_mul_(xs, S_new)

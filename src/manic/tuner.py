@@ -86,8 +86,8 @@ def betas(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor([1.0 - 10.0 ** (-i) for i in range(1, n + 1)], dtype=dtype, device=device)
 
 
-def step_(state: TunerState, sums: Tensor, hyper: Hyper, beta: Tensor) -> tuple[Tensor, Tensor]:
-    """One tuner update from the reduced global sums, in place; returns (h, new S).
+def step_(state: TunerState, sums: Tensor, hyper: Hyper, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One tuner update from the reduced global sums, in place; returns (h, new S, ok).
 
     ``sums`` holds <g, D>, <x, D>, ||g||^2, ||x||^2, where D is Delta (store_delta=True) or
     x - x_ref (store_delta=False; the division by S + eps of ALGORITHM.md step 1 happens here).
@@ -114,4 +114,4 @@ def step_(state: TunerState, sums: Tensor, hyper: Hyper, beta: Tensor) -> tuple[
         old.copy_(torch.where(ok, new, old))
     state.step.add_(ok.to(torch.int64))
     state.skipped.add_((~ok).to(torch.int64))
-    return h, state.s.sum()
+    return h, state.s.sum(), ok
