@@ -74,7 +74,8 @@ def run(world: int, fn: Callable, *args: Any, timeout: float = 120.0, pg_timeout
                     take(results.get(timeout=2.0))
                 except queue_mod.Empty:
                     codes = [p.exitcode for p in procs]
-                    raise RuntimeError(f"ranks exited without a result (exit codes {codes}); errors: {errors}")
+                    raise RuntimeError(f"ranks exited without a result (exit codes {codes}); errors: {errors}; "
+                                       f"results: {out}")
     finally:
         for p in procs:
             p.join(timeout=5)
@@ -82,5 +83,5 @@ def run(world: int, fn: Callable, *args: Any, timeout: float = 120.0, pg_timeout
                 p.kill()
                 p.join()
     if errors:
-        raise RuntimeError("\n".join(errors))
+        raise RuntimeError("\n".join(errors) + f"\nresults of the other ranks: {out}")
     return [out[r] for r in range(world)]

@@ -268,19 +268,50 @@ def four_rank_forms(rank: int, world: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- config check
-def config_mismatch(rank: int, world: int, field: str) -> str:
-    hyper: dict[str, Any] = {}
+CONFIG_FIELDS = ("weight_decay", "eps", "s_init", "num_betas", "store_delta", "reducer", "num_params")
+
+
+def config_mismatch(rank: int, world: int) -> dict[str, str]:
+    """For each checked field, rank 1 differs from rank 0: every rank must raise, naming it."""
+    out = {}
+    for field in CONFIG_FIELDS:
+        kwargs: dict[str, Any] = {}
+        params = list(make_net().parameters())
+        if rank == 1:
+            kwargs = {"weight_decay": {"weight_decay": 0.5}, "eps": {"eps": 1e-6}, "s_init": {"s_init": 1e-5},
+                      "num_betas": {"num_betas": 3}, "store_delta": {"store_delta": False},
+                      "reducer": {"device_mesh": None, "process_group": None}}.get(field, {})
+            if field == "num_params":
+                params = params[:-1]
+        elif field == "reducer":
+            kwargs = {"reducer": manic.ProcessGroupReducer()}
+        try:
+            manic.mechanize(torch.optim.SGD(params, lr=LR), **kwargs)
+            out[field] = "no error"
+        except ValueError as e:
+            out[field] = str(e)
+    return out
+
+
+def rank_fails_mid_step(rank: int, world: int, how: str) -> str:
+    """Rank 1 fails before entering the step's collective; rank 0 must not hang."""
+    import os
+    import time
+
+    model = shard2(make_net())
+    opt = manic.mechanize(base(model.parameters(), "sgd"))
+    train(model, opt, 2)
+    X, y = data()
+    torch.nn.functional.mse_loss(model(X), y).backward()
     if rank == 1:
-        hyper = {"weight_decay": {"weight_decay": 0.5}, "store_delta": {"store_delta": False},
-                 "num_betas": {"num_betas": 3}, "eps": {"eps": 1e-6}, "s_init": {"s_init": 1e-5}}.get(field, {})
-    net = make_net()
-    params = list(net.parameters())
-    if field == "num_params" and rank == 1:
-        params = params[:-1]
+        if how == "dies":
+            os._exit(3)
+        raise RuntimeError("rank 1 failed on purpose")
+    start = time.monotonic()
     try:
-        manic.mechanize(base(params), **hyper)
-    except ValueError as e:
-        return str(e)
+        opt.step()
+    except Exception as e:  # noqa: BLE001 - any error is fine, hanging is not
+        return f"{type(e).__name__} after {time.monotonic() - start:.1f}s: {e}"
     return "no error"
 
 

@@ -31,11 +31,24 @@ def test_four_ranks_fsdp2_hsdp_and_2d():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("field", ["weight_decay", "store_delta", "num_params"])
-def test_config_mismatch_raises_on_every_rank(field):
-    messages = harness.run(2, scenarios.config_mismatch, field, timeout=90)
-    for m in messages:
-        assert "disagree" in m and field in m, m
+def test_config_mismatch_raises_on_every_rank():
+    results = harness.run(2, scenarios.config_mismatch, timeout=90)
+    for field in scenarios.CONFIG_FIELDS:
+        for rank, messages in enumerate(results):
+            assert "disagree" in messages[field] and field in messages[field], (rank, field, messages[field])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["raises", "dies"])
+def test_failing_rank_does_not_hang_the_others(how):
+    """Rank 0 gets an error from the collective within the process-group timeout (here 10 s)."""
+    with pytest.raises(RuntimeError) as info:
+        harness.run(2, scenarios.rank_fails_mid_step, how, timeout=60, pg_timeout=10)
+    text = str(info.value)
+    assert "rank 1" in text or "exit codes" in text
+    assert "Error after" in text  # rank 0's step raised (it did not hang), see rank_fails_mid_step
+    if how == "raises":
+        assert "failed on purpose" in text
 
 
 @pytest.fixture(scope="module")
