@@ -28,12 +28,12 @@ def _gradient_source(regime: str, n: int, seed: int):
     raise ValueError(regime)
 
 
-def _compare(form, base_name, regime, store_delta, scheduled, seed=0):
+def _compare(form, base_name, regime, store_delta, scheduled, seed=0, **options):
     make_torch, make_ref, lr = BASES[base_name]
     params = init_params(seed)
     x0 = flat(params)
     schedule = SCHEDULE if scheduled else None
-    run = Runner(form, params, make_torch(params, lr), schedule, store_delta=store_delta)
+    run = Runner(form, params, make_torch(params, lr), schedule, store_delta=store_delta, **options)
     mech = ref.Mechanic(x0, make_ref(lr), store_delta=store_delta)
     steps, grad = _gradient_source(regime, x0.size, seed)
     worst_scale = worst_x = worst_delta = 0.0
@@ -59,6 +59,15 @@ def test_matches_reference(form, base, regime, store_delta):
         worst_scale, worst_x, final_scale = _compare(form, base, regime, store_delta, scheduled)
         assert worst_scale <= 1e-9, (scheduled, worst_scale)
         assert worst_x <= 1e-9, (scheduled, worst_x)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("store_delta", [True, False])
+def test_compiled_kernels_match_reference(store_delta):
+    """compile=True fuses the per-tensor work; it follows the reference just as closely."""
+    for regime in ("fixed", "closed"):
+        worst_scale, worst_x, _ = _compare("dropin", "adamw", regime, store_delta, True, compile=True)
+        assert worst_scale <= 1e-9 and worst_x <= 1e-9, (regime, worst_scale, worst_x)
 
 
 def test_fixed_regime_goes_through_growth():

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from . import tuner
+from . import kernels, tuner
 from .reduce import NoReduce, Reducer, check_config, detect
 from .tuner import Hyper, TunerState
 
@@ -46,13 +46,6 @@ def delta_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if param_dtype in (torch.bfloat16, torch.float16) else param_dtype
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    if a.dtype != b.dtype:
-        wide = torch.promote_types(a.dtype, b.dtype)
-        a, b = a.to(wide), b.to(wide)
-    return torch.dot(a.reshape(-1), b.reshape(-1))
-
-
 def mechanic_params(optimizer: torch.optim.Optimizer) -> list[tuple[int, Tensor, bool]]:
     """(state-dict index, parameter, maximize) of every parameter under Mechanic."""
     out, index = [], 0
@@ -65,20 +58,11 @@ def mechanic_params(optimizer: torch.optim.Optimizer) -> list[tuple[int, Tensor,
 
 
 @dataclass
-class _Bucket:
-    """Parameters sharing a device and dtype: one foreach call each."""
-
-    params: list[Tensor]
-    negate: list[bool]  # base optimizer maximizes: Mechanic sees the gradient of -loss
-    counted: list[bool]  # this rank adds the parameter to the sums (replicas count once)
-
-
-@dataclass
 class _Pending:
     S_old: Tensor | None  # None: an idle step (see Engine.prepare)
     S_new: Tensor | None = None
     ok: Tensor | None = None  # the sums were finite (0-dim bool, on the device)
-    diffs: list[list[Tensor]] | None = None  # per bucket, x_t - x_ref (store_delta=False only)
+    diffs: list[Tensor] | None = None  # x_t - x_ref (store_delta=False only)
     skip_base: bool = False  # skip_nonfinite and the sums were not finite
 
 
@@ -86,15 +70,18 @@ class Engine:
     """The Mechanic tuner attached to one base optimizer."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, hyper: Hyper, reducer: Reducer | None = None,
-                 process_group: Any = None, device_mesh: Any = None, skip_nonfinite: bool = False):
+                 process_group: Any = None, device_mesh: Any = None, skip_nonfinite: bool = False,
+                 compile: bool = False):
         _check_optimizer(optimizer)
         if reducer is not None:
             if not callable(getattr(reducer, "all_reduce_sum", None)):
                 raise TypeError(f"Invalid reducer: {reducer!r}; pass an object with all_reduce_sum(tensor) -> tensor")
             if process_group is not None or device_mesh is not None:
                 raise ValueError("Pass one of reducer=, process_group= and device_mesh=")
-        if not isinstance(skip_nonfinite, bool):
-            raise TypeError(f"Invalid skip_nonfinite: {skip_nonfinite!r}; pass True or False")
+        for name, flag in (("skip_nonfinite", skip_nonfinite), ("compile", compile)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"Invalid {name}: {flag!r}; pass True or False")
+        self._kernels = kernels.compiled() if compile else kernels.EAGER
         self.optimizer = optimizer
         self.hyper = hyper
         self.skip_nonfinite = skip_nonfinite
@@ -145,13 +132,9 @@ class Engine:
             self.reducer, counted = reducer, [True] * len(self._params)
         else:
             self.reducer, counted = detect(self._params, process_group, device_mesh)
-        buckets: dict[tuple[torch.device, torch.dtype], _Bucket] = {}
-        for (_, p, negate), c in zip(entries, counted):
-            b = buckets.setdefault((local(p).device, p.dtype), _Bucket([], [], []))
-            b.params.append(p)
-            b.negate.append(negate)
-            b.counted.append(c)
-        self._buckets = list(buckets.values())
+        # this rank adds these to the sums (a replicated parameter counts once), and negates
+        # the gradient of those whose base optimizer maximizes
+        self._counted = [(p, negate) for (_, p, negate), c in zip(entries, counted) if c]
 
     def params_added(self) -> None:
         """Bring parameters added by ``add_param_group`` under Mechanic."""
@@ -208,47 +191,30 @@ class Engine:
         skip_base = self.skip_nonfinite and not bool(ok)
         self._pending = _Pending(S_old, S_new, ok, diffs, skip_base)
 
-    def _local_sums(self) -> tuple[Tensor, list[list[Tensor]] | None]:
-        g_dot_d, x_dot_d, g_norms, x_norms = [], [], [], []
-        all_diffs = None if self.hyper.store_delta else []
-        for b in self._buckets:
-            xs = [local(p) for p in b.params]
-            if self.hyper.store_delta:
-                ds = [local(self._buf[p][DELTA]) for p in b.params]
-            else:
-                ds = torch._foreach_sub(xs, [local(self._buf[p][REF]) for p in b.params])
-                all_diffs.append(ds)
-            gs, counted_xs = [], []
-            for p, x, d, negate, counted in zip(b.params, xs, ds, b.negate, b.counted):
-                if not counted:
-                    continue
-                counted_xs.append(x)
-                x_dot_d.append(_dot(x, d))
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse or g.layout != torch.strided:
-                    raise RuntimeError("Mechanic does not support sparse gradients; use a dense gradient "
-                                       "(e.g. nn.Embedding(sparse=False))")
-                g = local(g)
-                gs.append(g)
-                dot = _dot(g, d)
-                g_dot_d.append(-dot if negate else dot)
-            if gs:
-                g_norms.extend(torch._foreach_norm(gs, 2, dtype=self.dtype))
-            if counted_xs:
-                x_norms.extend(torch._foreach_norm(counted_xs, 2, dtype=self.dtype))
-
-        def total(parts: list[Tensor]) -> Tensor:
-            if not parts:
-                return torch.zeros((), dtype=self.dtype, device=self.device)
-            return torch.stack([t.to(self.dtype) for t in parts]).sum()
-
-        def total_sq(norms: list[Tensor]) -> Tensor:
-            return total([n * n for n in norms])
-
-        sums = torch.stack([total(g_dot_d), total(x_dot_d), total_sq(g_norms), total_sq(x_norms)])
-        return sums, all_diffs
+    def _local_sums(self) -> tuple[Tensor, list[Tensor] | None]:
+        buf = self._buf
+        if self.hyper.store_delta:
+            direction = {p: local(buf[p][DELTA]) for p, _ in self._counted}
+            diffs = None
+        else:
+            xs = [local(p) for p in self._params]
+            diffs = torch._foreach_sub(xs, [local(buf[p][REF]) for p in self._params])
+            direction = dict(zip(self._params, diffs))
+        gs, gds, negate = [], [], []
+        for p, neg in self._counted:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse or g.layout != torch.strided:
+                raise RuntimeError("Mechanic does not support sparse gradients; use a dense gradient "
+                                   "(e.g. nn.Embedding(sparse=False))")
+            gs.append(local(g))
+            gds.append(direction[p])
+            negate.append(neg)
+        xs = [local(p) for p, _ in self._counted]
+        xds = [direction[p] for p, _ in self._counted]
+        sums = self._kernels.partial_sums(gs, gds, negate, xs, xds, self.dtype, self.device)
+        return sums, diffs
 
     def run_base_step(self, step: Callable[[], Any]) -> Any:
         """Run the base optimizer's step with Mechanic's buffers hidden where they would
@@ -277,30 +243,14 @@ class Engine:
         pending, self._pending = self._pending, None
         if pending.S_old is None or pending.skip_base:
             return
-        S_old, S_new, bad = pending.S_old, pending.S_new, ~pending.ok
-        for i, b in enumerate(self._buckets):
-            xs = [local(p) for p in b.params]
-            refs = [local(self._buf[p][REF]) for p in b.params]
-            torch._foreach_sub_(xs, refs)  # x_after - x_ref
-            if self.hyper.store_delta:
-                # Delta + u = Delta + (x_after - x_ref) - S_old * Delta: no copy of x_t needed.
-                # A step with non-finite sums keeps Delta (u := 0), and S is unchanged, so the
-                # parameters return to x_ref + S * Delta: nothing non-finite enters the state.
-                for x in xs:
-                    x.masked_fill_(bad, 0)
-                ds = [local(self._buf[p][DELTA]) for p in b.params]
-                torch._foreach_mul_(ds, 1 - S_old * pending.ok)
-                torch._foreach_add_(ds, xs)
-                torch._foreach_copy_(xs, ds)
-            else:
-                diffs = pending.diffs[i]
-                torch._foreach_sub_(xs, diffs)  # u = x_after - x_t
-                for x in xs:
-                    x.masked_fill_(bad, 0)
-                torch._foreach_mul_(diffs, torch.reciprocal(S_old + self.hyper.eps))  # D_t
-                torch._foreach_add_(xs, diffs)
-            torch._foreach_mul_(xs, S_new)
-            torch._foreach_add_(xs, refs)
+        xs = [local(p) for p in self._params]
+        refs = [local(self._buf[p][REF]) for p in self._params]
+        if self.hyper.store_delta:
+            ds = [local(self._buf[p][DELTA]) for p in self._params]
+            self._kernels.rebase(xs, refs, ds, pending.S_old, pending.S_new, pending.ok)
+        else:
+            self._kernels.rebase_recompute(xs, refs, pending.diffs, pending.S_old, pending.S_new, pending.ok,
+                                           self.hyper.eps)
 
     def cancel(self) -> None:
         """Forget a prepared step whose base step failed (the tuner has moved; buffers have not)."""
