@@ -322,7 +322,8 @@ class Engine:
         for i, p in mine_by_index.items():
             entry = {k: v for k, v in state.get(i, {}).items() if k in PARAM_KEYS}
             if not entry:
-                if started:
+                # (FSDP1 with use_orig_params=True keeps no state for a rank's empty views)
+                if started and local(p).numel() > 0:
                     raise ValueError(f"Checkpoint has no Mechanic buffers for parameter {i}; it comes from another "
                                      "model or optimizer layout")
                 continue
@@ -353,12 +354,14 @@ class Engine:
                 dst.copy_(t[f"mechanic_{k}"])
             state = sd.get("state", {})
             buf = {}
+            self._started = int(self.tuner.step) > 0
             for i, p, _ in self._entries:
                 entry = state.get(i)
                 if entry and REF in entry:
                     buf[p] = {k: self._placed(p, k, entry[k]) for k in PARAM_KEYS if k in entry}
-            self._started = int(self.tuner.step) > 0
-            self._buf = buf if buf else {}
+                elif self._started:  # an empty local shard (see check_state_dict)
+                    buf[p] = self._new_buffers(p)
+            self._buf = buf
         self._published_state = None
         self.publish()
 

@@ -154,7 +154,30 @@ def fsdp1(rank: int, world: int, use_orig_params: bool) -> dict:
     gathered = [None] * world
     dist.all_gather_object(gathered, scales)
     assert all(g == gathered[0] for g in gathered)
+    fsdp1_round_trip(model, opt, use_orig_params)
     return {"params_rel": worst, "scale_rel": worst_s}
+
+
+def fsdp1_round_trip(model: nn.Module, opt: torch.optim.Optimizer, use_orig_params: bool) -> None:
+    """get/set_optimizer_state_dict under FSDP1 into fresh objects continues bitwise."""
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    msd, osd = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
+    msd = {k: v.clone() for k, v in msd.items()}
+    osd = {"state": {k: {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in v.items()}
+                     for k, v in osd["state"].items()},
+           "param_groups": [dict(g) for g in osd["param_groups"]]}
+    assert all("mechanic_delta" in v for v in osd["state"].values())
+    model2 = FSDP(make_net(1), use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+    opt2 = manic.mechanize(base(model2.parameters()))
+    set_model_state_dict(model2, msd)
+    set_optimizer_state_dict(model2, opt2, osd)
+    a, b = train(model, opt, 5), train(model2, opt2, 5)
+    assert a == b, f"FSDP1 orig={use_orig_params} round trip: scales {a} vs {b}"
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
 
 
 def _attr(module: nn.Module, name: str) -> torch.Tensor:
