@@ -1,0 +1,135 @@
+"""Memory cost of Mechanic and its peers, as multiples of the parameters' bytes.
+
+Measured per method, each in a fresh process (so allocator high-water marks do not mix):
+- persistent extra: bytes of every tensor in the optimizer's state (and param groups), minus
+  the same for plain AdamW, the base every method is compared with;
+- peak extra: the process's high-water RSS after a few steps (ru_maxrss; on CUDA
+  torch.cuda.max_memory_allocated), minus the same run with plain AdamW.
+The model is a stack of 1024x1024 linear layers with fixed random gradients.
+
+    python benchmarks/memory.py [--params 8e6] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METHODS = ["adamw", "manic", "manic_recompute", "mechanic_pytorch", "prodigy", "dadapt_adam"]
+
+
+def build(method: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    lr = 1e-3
+    if method == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if method in ("manic", "manic_recompute"):
+        import manic
+
+        return manic.mechanize(torch.optim.AdamW(params, lr=lr), store_delta=method == "manic")
+    if method == "mechanic_pytorch":
+        from mechanic_pytorch import mechanize
+
+        return mechanize(torch.optim.AdamW)(params, lr=lr)
+    if method == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=1.0)
+    if method == "dadapt_adam":
+        from dadaptation import DAdaptAdam
+
+        return DAdaptAdam(params, lr=1.0)
+    raise ValueError(method)
+
+
+def tensor_bytes(obj: Any, seen: set[int]) -> int:
+    """Bytes of the distinct tensors reachable from obj (dicts, lists, tuples)."""
+    if isinstance(obj, torch.Tensor):
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def worker(method: str, n_params: float, steps: int, device: str) -> dict[str, float]:
+    torch.manual_seed(0)
+    layers = max(1, round(n_params / (1024 * 1024 + 1024)))
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(layers)]).to(device)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = build(method, params)
+    for _ in range(steps):
+        opt.step()
+    seen = {id(p) for p in params} | {id(p.grad) for p in params}
+    state = tensor_bytes(dict(opt.state), seen) + tensor_bytes(
+        [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups], seen)
+    if device == "cuda":
+        peak = float(torch.cuda.max_memory_allocated())
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    return {"param_bytes": float(sum(p.numel() * p.element_size() for p in params)), "state_bytes": float(state),
+            "peak_bytes": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=float, default=8e6, help="approximate parameter count (default 8e6)")
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per run (default 5)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="a small model and two steps (smoke test)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results directory")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.params, args.steps = 2e6, 2
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.params, args.steps, args.device)))
+        return
+
+    rows = {}
+    for method in METHODS:
+        cmd = [sys.executable, __file__, "--worker", method, "--params", str(args.params), "--steps",
+               str(args.steps), "--device", args.device]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            rows[method] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
+            continue
+        rows[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    base = rows["adamw"]
+    pb = base["param_bytes"]
+    lines = [f"Model: {pb / 1e6:.1f} MB of float32 parameters on {args.device}; {args.steps} steps; extra = "
+             "method minus plain AdamW (persistent: optimizer-state tensors; peak: high-water "
+             f"{'max_memory_allocated' if args.device == 'cuda' else 'RSS of a fresh process'}).", "",
+             "| method | persistent extra (MB) | x param bytes | peak extra (MB) | x param bytes |",
+             "| --- | --- | --- | --- | --- |"]
+    for method, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {method} | failed: {r['error']} | | | |")
+            continue
+        pers, peak = r["state_bytes"] - base["state_bytes"], r["peak_bytes"] - base["peak_bytes"]
+        lines.append(f"| {method} | {pers / 1e6:.1f} | {pers / pb:.2f} | {peak / 1e6:.1f} | {peak / pb:.2f} |")
+    env = (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+           f"{torch.get_num_threads()} threads; command: python benchmarks/memory.py "
+           + " ".join(a for a in sys.argv[1:]))
+    text = "\n".join(lines + ["", env])
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ("memory_quick.md" if args.quick else "memory.md")).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
