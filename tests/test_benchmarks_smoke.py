@@ -1,0 +1,32 @@
+"""Each benchmark script runs in its quickest mode, so none of them rots."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], tmp_path: Path, timeout: int = 300) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, *args, "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.timeout(300)
+def test_memory_quick(tmp_path):
+    out = _run(["benchmarks/memory.py", "--quick"], tmp_path)
+    assert "| manic |" in out and (tmp_path / "memory_quick.md").exists()
+
+
+@pytest.mark.timeout(300)
+def test_lr_sweep_quick(tmp_path):
+    out = _run(["benchmarks/lr_sweep.py", "--quick", "--tasks", "digits"], tmp_path)
+    assert "manic_adamw" in out and (tmp_path / "lr_sweep_quick.csv").exists()
