@@ -69,22 +69,24 @@ class _Pending:
 class Engine:
     """The Mechanic tuner attached to one base optimizer."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, hyper: Hyper, reducer: Reducer | None = None,
+    def __init__(self, optimizer: torch.optim.Optimizer, hyper: Hyper, *, reducer: Reducer | None = None,
                  process_group: Any = None, device_mesh: Any = None, skip_nonfinite: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, fp32_reference: bool = False):
         _check_optimizer(optimizer)
         if reducer is not None:
             if not callable(getattr(reducer, "all_reduce_sum", None)):
                 raise TypeError(f"Invalid reducer: {reducer!r}; pass an object with all_reduce_sum(tensor) -> tensor")
             if process_group is not None or device_mesh is not None:
                 raise ValueError("Pass one of reducer=, process_group= and device_mesh=")
-        for name, flag in (("skip_nonfinite", skip_nonfinite), ("compile", compile)):
+        for name, flag in (("skip_nonfinite", skip_nonfinite), ("compile", compile),
+                           ("fp32_reference", fp32_reference)):
             if not isinstance(flag, bool):
                 raise TypeError(f"Invalid {name}: {flag!r}; pass True or False")
         self._kernels = kernels.compiled() if compile else kernels.EAGER
         self.optimizer = optimizer
         self.hyper = hyper
         self.skip_nonfinite = skip_nonfinite
+        self.fp32_reference = fp32_reference
         self._reduce_args = (reducer, process_group, device_mesh)
         self._index_params()
         check_config({"weight_decay": hyper.weight_decay, "eps": hyper.eps, "s_init": hyper.s_init,
@@ -158,8 +160,11 @@ class Engine:
         lrs = [g.get("lr") for g in self.optimizer.param_groups if g.get("mechanic", True)]
         return all(isinstance(lr, (int, float)) and lr == 0 for lr in lrs)
 
+    def _ref_dtype(self, p: Tensor) -> torch.dtype:
+        return delta_dtype(p.dtype) if self.fp32_reference else p.dtype
+
     def _new_buffers(self, p: Tensor) -> dict[str, Tensor]:
-        buf = {REF: p.detach().clone()}
+        buf = {REF: p.detach().to(self._ref_dtype(p), copy=True)}
         if self.hyper.store_delta:
             buf[DELTA] = torch.zeros_like(p, dtype=delta_dtype(p.dtype))
         return buf
@@ -366,7 +371,7 @@ class Engine:
         self.publish()
 
     def _placed(self, p: Tensor, key: str, value: Tensor) -> Tensor:
-        dtype = p.dtype if key == REF else delta_dtype(p.dtype)
+        dtype = self._ref_dtype(p) if key == REF else delta_dtype(p.dtype)
         if isinstance(p, DTensor) and not isinstance(value, DTensor):
             raise ValueError(f"Checkpoint {key} is a plain tensor but its parameter is a DTensor; "
                              "load sharded state with torch.distributed.checkpoint")

@@ -57,12 +57,25 @@ def rebase_eager(xs: list[Tensor], refs: list[Tensor], ds: list[Tensor], S_old: 
     """store_delta=True. On entry xs hold x_after (the base step's result), ds hold Delta_t.
     Delta <- Delta + u with u = x_after - x_ref - S_old * Delta (u := 0 if not ok);
     x <- x_ref + S_new * Delta."""
-    torch._foreach_sub_(xs, refs)  # y = x_after - x_ref
     keep = 1 - S_old * ok
-    for x, r, d in zip(xs, refs, ds):
+    same, wide = _split(xs, refs, ds)
+    if same:
+        torch._foreach_sub_([x for x, _, _ in same], [r for _, r, _ in same])  # y = x_after - x_ref
+    for x, r, d in same:
         torch.where(ok, x, x.new_zeros(()), out=x)  # a non-finite step moves nothing
         torch.addcmul(x, d, keep, out=d)  # Delta + u = y + (1 - S_old) * Delta, in Delta's dtype
         torch.addcmul(r, d, S_new, out=x)
+    for x, r, d in wide:  # a float32 reference for 16-bit parameters: y in float32, one tensor at a time
+        y = torch.sub(x, r)
+        torch.where(ok, y, y.new_zeros(()), out=y)
+        torch.addcmul(y, d, keep, out=d)
+        torch.addcmul(r, d, S_new, out=x)
+
+
+def _split(xs: list[Tensor], refs: list[Tensor], others: list[Tensor]) -> tuple[list, list]:
+    """(parameters whose reference has their dtype, those with a wider reference)."""
+    triples = list(zip(xs, refs, others))
+    return [t for t in triples if t[1].dtype == t[0].dtype], [t for t in triples if t[1].dtype != t[0].dtype]
 
 
 def rebase_fusable(xs: list[Tensor], refs: list[Tensor], ds: list[Tensor], S_old: Tensor, S_new: Tensor,
@@ -79,13 +92,21 @@ def rebase_recompute_eager(xs: list[Tensor], refs: list[Tensor], diffs: list[Ten
                            S_new: Tensor, ok: Tensor, eps: float) -> None:
     """store_delta=False. diffs hold x_t - x_ref (taken before the base step).
     x <- x_ref + S_new * (D_t + u) with D_t = diffs / (S_old + eps), u = x_after - x_t."""
-    torch._foreach_sub_(xs, refs)
-    torch._foreach_sub_(xs, diffs)  # u
     inv = torch.reciprocal(S_old + eps)
-    for x, r, dd in zip(xs, refs, diffs):
+    same, wide = _split(xs, refs, diffs)
+    if same:
+        xs_same = [x for x, _, _ in same]
+        torch._foreach_sub_(xs_same, [r for _, r, _ in same])
+        torch._foreach_sub_(xs_same, [dd for _, _, dd in same])  # u
+    for x, r, dd in same:
         torch.where(ok, x, x.new_zeros(()), out=x)
         torch.addcmul(x, dd, inv, out=x)  # D_t + u
         torch.addcmul(r, x, S_new, out=x)
+    for x, r, dd in wide:
+        u = torch.sub(x, r).sub_(dd)
+        torch.where(ok, u, u.new_zeros(()), out=u)
+        torch.addcmul(u, dd, inv, out=u)
+        torch.addcmul(r, u, S_new, out=x)
 
 
 def rebase_recompute_fusable(xs: list[Tensor], refs: list[Tensor], diffs: list[Tensor], S_old: Tensor,

@@ -25,10 +25,11 @@ class Mechanized(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, *, weight_decay: float = 1e-2, eps: float = 1e-8,
                  s_init: float = 1e-6, num_betas: int = 6, store_delta: bool = True,
                  reducer: Reducer | None = None, process_group: Any = None, device_mesh: Any = None,
-                 skip_nonfinite: bool = False, compile: bool = False) -> None:
+                 skip_nonfinite: bool = False, compile: bool = False, fp32_reference: bool = False) -> None:
         hyper = Hyper(weight_decay=weight_decay, eps=eps, s_init=s_init, num_betas=num_betas, store_delta=store_delta)
         self._base = optimizer
-        self._engine = Engine(optimizer, hyper, reducer, process_group, device_mesh, skip_nonfinite, compile)
+        self._engine = Engine(optimizer, hyper, reducer=reducer, process_group=process_group, device_mesh=device_mesh,
+                              skip_nonfinite=skip_nonfinite, compile=compile, fp32_reference=fp32_reference)
         # The hook registries and step profiling that torch.optim.Optimizer.__init__ sets up;
         # parameters, state and defaults stay the base optimizer's.
         super().__setstate__({})
@@ -156,7 +157,7 @@ class Mechanized(torch.optim.Optimizer):
 def mechanize(optimizer: torch.optim.Optimizer, *, weight_decay: float = 1e-2, eps: float = 1e-8,
               s_init: float = 1e-6, num_betas: int = 6, store_delta: bool = True,
               reducer: Reducer | None = None, process_group: Any = None, device_mesh: Any = None,
-              skip_nonfinite: bool = False, compile: bool = False) -> Mechanized:
+              skip_nonfinite: bool = False, compile: bool = False, fp32_reference: bool = False) -> Mechanized:
     """Wrap ``optimizer`` so that Mechanic tunes the scale of its updates.
 
     Returns a ``torch.optim.Optimizer``; use it wherever the base optimizer was used.
@@ -164,4 +165,4 @@ def mechanize(optimizer: torch.optim.Optimizer, *, weight_decay: float = 1e-2, e
     return Mechanized(optimizer, weight_decay=weight_decay, eps=eps, s_init=s_init, num_betas=num_betas,
                       store_delta=store_delta, reducer=reducer, process_group=process_group,
                       device_mesh=device_mesh, skip_nonfinite=skip_nonfinite,
-                      compile=compile)
+                      compile=compile, fp32_reference=fp32_reference)
