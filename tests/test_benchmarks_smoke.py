@@ -30,3 +30,9 @@ def test_memory_quick(tmp_path):
 def test_lr_sweep_quick(tmp_path):
     out = _run(["benchmarks/lr_sweep.py", "--quick", "--tasks", "digits"], tmp_path)
     assert "manic_adamw" in out and (tmp_path / "lr_sweep_quick.csv").exists()
+
+
+@pytest.mark.timeout(300)
+def test_step_overhead_quick(tmp_path):
+    out = _run(["benchmarks/step_overhead.py", "--quick"], tmp_path)
+    assert "manic(adamw_fused)" in out and (tmp_path / "step_overhead_quick.csv").exists()
