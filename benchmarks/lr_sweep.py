@@ -87,10 +87,13 @@ def charlm_task(steps: int) -> Task:
 
     @torch.no_grad()
     def evaluate(model: torch.nn.Module) -> tuple[float, float]:
-        losses = [torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
-                  for x, y in (data.batch("val", 32, cfg.block_size, seed=10**6, step=i) for i in range(8))]
-        loss = sum(losses) / len(losses)
-        return loss, math.exp(-loss)  # "accuracy" column: the per-character likelihood
+        losses, hits = [], []
+        for i in range(8):
+            x, y = data.batch("val", 32, cfg.block_size, seed=10**6, step=i)
+            logits = model(x).flatten(0, 1)
+            losses.append(torch.nn.functional.cross_entropy(logits, y.flatten()).item())
+            hits.append((logits.argmax(1) == y.flatten()).float().mean().item())
+        return sum(losses) / len(losses), sum(hits) / len(hits)  # accuracy: next character, top-1
 
     return Task("charlm", steps, make_model, batch, evaluate)
 
@@ -206,7 +209,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--quick", action="store_true", help="1 seed, 3 lrs, few steps (a smoke test)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--replot", metavar="CSV", help="only redraw figures and summary from a results CSV")
     args = parser.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            rows = [{**r, "lr": float(r["lr"]), "seed": int(r["seed"]), "val_loss": float(r["val_loss"]),
+                     "val_acc": float(r["val_acc"])} for r in csv.DictReader(f)]
+        plot(rows, Path(args.out))
+        print(summarize(rows))
+        return
     torch.set_num_threads(1)
     grid, mults, seeds = GRID, MULTIPLIERS, range(args.seeds)
     default_steps = {"digits": 600, "charlm": 300}
@@ -238,27 +249,31 @@ def main() -> None:
 
 
 def summarize(rows: list[dict]) -> str:
-    """Per task and method: best and worst seed-mean val loss over the lr grid, and how many
-    lrs come within 10% of the best-tuned AdamW."""
-    lines = ["| task | method | best val loss (lr) | worst val loss | lrs within 10% of best AdamW |",
-             "| --- | --- | --- | --- | --- |"]
+    """Per task and method (seed means over the lr grid): the best validation loss and accuracy,
+    and at how many lrs the method comes within 10% of the best-tuned AdamW's loss and within
+    2 points of its accuracy."""
+    lines = ["| task | method | best val loss (lr) | lrs within 10% of AdamW's best loss | best val acc | "
+             "lrs within 2 points of AdamW's best acc |", "| --- | --- | --- | --- | --- | --- |"]
     for task in sorted({r["task"] for r in rows}):
-        means = {}
+        runs: dict[tuple[str, float], list[dict]] = {}
         for r in rows:
             if r["task"] == task:
-                means.setdefault((r["method"], r["lr"]), []).append(r["val_loss"])
-        mean = {k: sum(v) / len(v) for k, v in means.items()}
-        bar = min(v for (m, _), v in mean.items() if m == "adamw" and math.isfinite(v))
+                runs.setdefault((r["method"], r["lr"]), []).append(r)
+        loss = {k: sum(r["val_loss"] for r in v) / len(v) for k, v in runs.items()}
+        acc = {k: sum(r["val_acc"] for r in v) / len(v) for k, v in runs.items()}
+        bar_loss = min(v for (m, _), v in loss.items() if m == "adamw" and math.isfinite(v))
+        bar_acc = max(v for (m, _), v in acc.items() if m == "adamw")
         for method in METHODS:
-            mine = {lr: v for (m, lr), v in mean.items() if m == method}
-            if not mine:
+            keys = [k for k in runs if k[0] == method]
+            if not keys:
                 continue
-            finite = {lr: v for lr, v in mine.items() if math.isfinite(v)}
-            best_lr = min(finite, key=finite.get) if finite else float("nan")
-            worst = max(mine.values()) if len(finite) == len(mine) else float("nan")
-            good = sum(1 for v in finite.values() if v <= 1.1 * bar)
-            lines.append(f"| {task} | {method} | {finite.get(best_lr, float('nan')):.4f} ({best_lr:g}) | "
-                         f"{worst:.4f} | {good}/{len(mine)} |")
+            finite = [k for k in keys if math.isfinite(loss[k])]
+            best = min(finite, key=loss.get) if finite else None
+            good_loss = sum(1 for k in finite if loss[k] <= 1.1 * bar_loss)
+            good_acc = sum(1 for k in keys if acc[k] >= bar_acc - 0.02)
+            best_txt = f"{loss[best]:.4f} ({best[1]:g})" if best else "diverged"
+            lines.append(f"| {task} | {method} | {best_txt} | {good_loss}/{len(keys)} | "
+                         f"{max(acc[k] for k in keys):.3f} | {good_acc}/{len(keys)} |")
     return "\n".join(lines)
 
 
