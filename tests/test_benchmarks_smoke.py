@@ -36,3 +36,15 @@ def test_lr_sweep_quick(tmp_path):
 def test_step_overhead_quick(tmp_path):
     out = _run(["benchmarks/step_overhead.py", "--quick"], tmp_path)
     assert "manic(adamw_fused)" in out and (tmp_path / "step_overhead_quick.csv").exists()
+
+
+@pytest.mark.timeout(300)
+def test_collectives_quick(tmp_path):
+    out = _run(["benchmarks/collectives.py", "--quick"], tmp_path)
+    assert "| fsdp2 | 2 | 1 | 16 |" in out and "| ddp | 2 | 0 | 0 |" in out
+
+
+@pytest.mark.timeout(300)
+def test_scaling_quick(tmp_path):
+    out = _run(["benchmarks/scaling.py", "--quick"], tmp_path)
+    assert "| fsdp2 | 2 |" in out and "failed" not in out

@@ -1,0 +1,89 @@
+"""Shared by the distributed benchmarks: start ranks (the tests' harness), build a model, count
+what a step sends."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "distributed"))
+import harness  # noqa: E402  (tests/distributed/harness.py: forkserver ranks, gloo, a hard timeout)
+
+run = harness.run
+
+
+class Collectives(TorchDispatchMode):
+    """Counts collectives issued inside the block and the bytes of their tensor arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
+            self.count += 1
+            for a in list(args) + list((kwargs or {}).values()):
+                for t in a if isinstance(a, (list, tuple)) else [a]:
+                    if isinstance(t, torch.Tensor):
+                        self.bytes += t.numel() * t.element_size()
+        return func(*args, **(kwargs or {}))
+
+
+def width(n_params: float) -> int:
+    return 512 if n_params < 4e6 else 1024
+
+
+def mlp(n_params: float, seed: int = 0) -> torch.nn.Sequential:
+    """Linear + Tanh blocks of about ``n_params`` parameters, input width ``width(n_params)``."""
+    w = width(n_params)
+    layers = max(2, round(n_params / (w * w + w)))
+    torch.manual_seed(seed)
+    blocks = []
+    for _ in range(layers):
+        blocks += [torch.nn.Linear(w, w), torch.nn.Tanh()]
+    return torch.nn.Sequential(*blocks)
+
+
+def wrap(model: torch.nn.Sequential, setup: str, world: int) -> Any:
+    """Parallelise ``model`` for ``setup`` in ddp | fsdp2 | hsdp | fsdp1 | tp."""
+    if setup == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
+    if setup in ("fsdp2", "hsdp"):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if setup == "hsdp" \
+            else None
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    if setup == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+    if setup == "tp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        mesh = init_device_mesh("cpu", (world,))
+        linears = [i for i, m in enumerate(model) if isinstance(m, torch.nn.Linear)]
+        plan = {str(i): (ColwiseParallel() if k % 2 == 0 else RowwiseParallel()) for k, i in enumerate(linears)}
+        return parallelize_module(model, mesh, plan)
+    raise ValueError(setup)
+
+
+def env_line(command: str) -> str:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
+    return f"torch {torch.__version__}, {cpu}, gloo on CPU, 1 thread per rank; command: {command}"
