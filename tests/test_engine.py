@@ -148,14 +148,15 @@ def test_state_and_transient_bytes(store_delta):
     assert state_bytes == (2 if store_delta else 1) * param_bytes
 
 
-def test_bf16_delta_is_float32():
-    p = torch.randn(10, 10, dtype=torch.bfloat16, requires_grad=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_delta_and_tuner_are_float32(dtype):
+    p = torch.randn(10, 10, dtype=dtype, requires_grad=True)
     opt = manic.mechanize(torch.optim.AdamW([p], lr=1e-3))
     p.grad = torch.randn_like(p)
     opt.step()
-    assert opt.state[p]["mechanic_ref"].dtype == torch.bfloat16
+    assert opt.state[p]["mechanic_ref"].dtype == dtype
     assert opt.state[p]["mechanic_delta"].dtype == torch.float32
-    assert opt.scale.dtype == torch.float32
+    assert opt.scale.dtype == torch.float32 and opt.stats()["grad_norm"].dtype == torch.float32
 
 
 def test_tuner_dtype_follows_float64_model():
