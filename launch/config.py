@@ -1,0 +1,100 @@
+"""Command-line options of the launcher, as one documented dataclass."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class Config:
+    parallel: str | None = None  # none | ddp | fsdp2 | fsdp1 | hsdp; None: fsdp2 with >1 process, else none
+    optimizer: str = "adamw"  # base optimizer: adamw | adam | sgd
+    lr: float = 1e-3  # base learning rate (the peak of the schedule)
+    schedule: str = "cosine"  # cosine (linear warmup, then cosine to 0) | constant (after warmup)
+    warmup: int = 20  # warmup steps
+    weight_decay: float = 0.0  # the base optimizer's weight decay
+    mechanic: bool = True  # wrap the base optimizer with manic.mechanize
+    mechanic_weight_decay: float = 1e-2  # Mechanic's own decay (lambda)
+    mechanic_eps: float = 1e-8
+    s_init: float = 1e-6
+    num_betas: int = 6
+    store_delta: bool = True
+    steps: int = 500  # optimizer steps in total
+    batch_size: int = 16  # sequences per rank and step
+    seed: int = 0
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    block_size: int = 128  # context length in characters
+    data_bytes: int = 4_000_000  # characters of the standard library's source to read
+    ckpt_dir: str | None = None  # default: OUT_DIR/checkpoints
+    ckpt_every: int = 100  # steps between checkpoints (0: only at the end and on SIGTERM)
+    resume: bool = False  # continue from the latest complete checkpoint in ckpt_dir
+    log_every: int = 10  # steps between CSV rows / progress-bar updates
+    eval_every: int = 100  # steps between validation losses
+    eval_batches: int = 8  # batches per validation loss (per rank)
+    out_dir: str = "runs/latest"  # CSV, PNG, final.pt, checkpoints
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    timeout: float = 300.0  # process-group timeout in seconds: a dead rank fails the others within it
+
+
+HELP = {
+    "parallel": "parallelism: none | ddp | fsdp2 | fsdp1 | hsdp (default: fsdp2 with more than one process, "
+                "else none); hsdp needs an even number of processes",
+    "optimizer": "base optimizer: adamw | adam | sgd (momentum 0.9)",
+    "lr": "base learning rate, the schedule's peak; Mechanic learns a scale on top of it",
+    "schedule": "learning-rate schedule after the linear warmup: cosine (to 0) | constant",
+    "warmup": "linear warmup steps",
+    "weight_decay": "the base optimizer's weight decay",
+    "mechanic": "tune the learning-rate scale with Mechanic (--no-mechanic: the base optimizer alone)",
+    "mechanic_weight_decay": "Mechanic's own weight decay (lambda)",
+    "mechanic_eps": "Mechanic's eps",
+    "s_init": "Mechanic's initial scale",
+    "num_betas": "number of Mechanic's betas (1 - 10^-i)",
+    "store_delta": "keep Mechanic's accumulated direction as state (--no-store-delta: one buffer lighter)",
+    "steps": "optimizer steps in total",
+    "batch_size": "sequences per rank and step",
+    "seed": "seed of the model's initialisation and of the batches",
+    "n_layer": "transformer blocks",
+    "n_embd": "model width",
+    "n_head": "attention heads",
+    "block_size": "context length in characters",
+    "data_bytes": "characters of Python's standard-library source to train on (90%% train, 10%% validation)",
+    "ckpt_dir": "checkpoint directory (default: OUT_DIR/checkpoints)",
+    "ckpt_every": "steps between checkpoints (0: only at the end and on SIGTERM)",
+    "resume": "continue from the latest complete checkpoint in the checkpoint directory",
+    "log_every": "steps between CSV rows and progress-bar updates",
+    "eval_every": "steps between validation losses",
+    "eval_batches": "batches per validation loss on each rank",
+    "out_dir": "output directory: metrics.csv, metrics.png, final.pt, checkpoints/",
+    "device": "auto (cuda if available, with NCCL) | cpu (gloo) | cuda",
+    "timeout": "process-group timeout in seconds: a failed rank makes the others fail within it",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a character-level GPT on Python's standard library with manic (Mechanic). "
+                    "Run with: torchrun --standalone --nproc-per-node 2 launch/train.py [options]",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
+            continue
+        kind = {"float": float, "int": int}.get(str(f.type), str)
+        parser.add_argument(flag, type=kind, default=f.default, help=HELP[f.name])
+    return parser
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    args = build_parser().parse_args(argv)
+    cfg = Config(**vars(args))
+    if cfg.parallel not in (None, "none", "ddp", "fsdp2", "fsdp1", "hsdp"):
+        raise SystemExit(f"--parallel must be none, ddp, fsdp2, fsdp1 or hsdp, got {cfg.parallel!r}")
+    if cfg.optimizer not in ("adamw", "adam", "sgd"):
+        raise SystemExit(f"--optimizer must be adamw, adam or sgd, got {cfg.optimizer!r}")
+    if cfg.schedule not in ("cosine", "constant"):
+        raise SystemExit(f"--schedule must be cosine or constant, got {cfg.schedule!r}")
+    return cfg

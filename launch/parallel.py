@@ -1,0 +1,80 @@
+"""Process group and model wrapping: gloo on CPU, NCCL on GPUs, one function per concern."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def setup(device: str, timeout: float) -> tuple[int, int, torch.device]:
+    """Start the process group when launched by torchrun; returns (rank, world size, device)."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 or "RANK" in os.environ:
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout),
+                                device_id=dev if use_cuda else None)
+    return rank, world, dev
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, mode: str, world: int, device: torch.device) -> nn.Module:
+    """Parallelise a GPT (launch/model.py) for ``mode``: none | ddp | fsdp2 | fsdp1 | hsdp."""
+    model.to(device)
+    if mode == "none":
+        if world > 1:
+            raise SystemExit("--parallel none with more than one process would train independent models")
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if mode in ("fsdp2", "hsdp"):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = None
+        if mode == "hsdp":
+            if world % 2:
+                raise SystemExit(f"--parallel hsdp needs an even number of processes, got {world}")
+            mesh = init_device_mesh(device.type, (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        # The logits are a reshaped matmul output (a view); nothing modifies them in place.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        return fully_shard(model, mesh=mesh)  # the root: embeddings, final norm and head
+    if mode == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(model, device_id=device, use_orig_params=True)
+    raise SystemExit(f"unknown --parallel {mode!r}")
+
+
+def agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is True on any (one tiny all-reduce)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean(value: float, device: torch.device) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
