@@ -48,3 +48,19 @@ def test_collectives_quick(tmp_path):
 def test_scaling_quick(tmp_path):
     out = _run(["benchmarks/scaling.py", "--quick"], tmp_path)
     assert "| fsdp2 | 2 |" in out and "failed" not in out
+
+
+@pytest.mark.timeout(300)
+def test_train_overhead_quick(tmp_path):
+    out = _run(["benchmarks/train_overhead.py", "--quick"], tmp_path)
+    assert "manic(adamw)" in out
+
+
+def test_run_all_lists_every_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    scripts = {p.name for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_")} - {"run_all.py"}
+    assert set(run_all.SCRIPTS) == scripts
