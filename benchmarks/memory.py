@@ -6,8 +6,10 @@ Measured per method, each in a fresh process (so allocator high-water marks do n
 - peak extra: the process's high-water RSS after a few steps (ru_maxrss; on CUDA
   torch.cuda.max_memory_allocated), minus the same run with plain AdamW.
 The model is a stack of 1024x1024 linear layers with fixed random gradients.
+``--fsdp2`` adds the same per rank under FSDP2 at 1, 2 and 4 ranks (gloo on CPU; local shards),
+where a method that fails under FSDP2 is reported as failing.
 
-    python benchmarks/memory.py [--params 8e6] [--quick]
+    python benchmarks/memory.py [--params 8e6] [--fsdp2] [--quick]
 """
 
 from __future__ import annotations
@@ -63,10 +65,20 @@ def tensor_bytes(obj: Any, seen: set[int]) -> int:
     return 0
 
 
-def worker(method: str, n_params: float, steps: int, device: str) -> dict[str, float]:
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def worker(method: str, n_params: float, steps: int, device: str, fsdp2: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     layers = max(1, round(n_params / (1024 * 1024 + 1024)))
     model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(layers)]).to(device)
+    if fsdp2:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
     params = list(model.parameters())
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
@@ -74,6 +86,11 @@ def worker(method: str, n_params: float, steps: int, device: str) -> dict[str, f
     for _ in range(steps):
         opt.step()
     seen = {id(p) for p in params} | {id(p.grad) for p in params}
+    if fsdp2:
+        state = sum(_local(t).numel() * _local(t).element_size() for st in opt.state.values() if isinstance(st, dict)
+                    for t in st.values() if isinstance(t, torch.Tensor) and id(t) not in seen)
+        return {"param_bytes": float(sum(_local(p).numel() * _local(p).element_size() for p in params)),
+                "state_bytes": float(state), "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0}
     state = tensor_bytes(dict(opt.state), seen) + tensor_bytes(
         [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups], seen)
     if device == "cuda":
@@ -84,6 +101,40 @@ def worker(method: str, n_params: float, steps: int, device: str) -> dict[str, f
             "peak_bytes": peak}
 
 
+def _rank_worker(rank: int, world: int, method: str, n_params: float, steps: int) -> dict[str, float]:
+    return worker(method, n_params, steps, "cpu", fsdp2=True)
+
+
+def fsdp2_table(args: argparse.Namespace) -> list[str]:
+    """Per-rank extra bytes over AdamW under FSDP2 (each method and world size in fresh ranks)."""
+    import _dist
+
+    worlds, methods = ([2], ["adamw", "manic"]) if args.quick else ([1, 2, 4], METHODS)
+    lines = ["Per rank under FSDP2 (local shards; extra over AdamW at the same world size, x the rank's "
+             "parameter bytes):", "", "| method | " + " | ".join(f"{w} rank(s): persistent / peak" for w in worlds)
+             + " |", "| --- |" + " --- |" * len(worlds)]
+    results: dict[tuple[str, int], object] = {}
+    for world in worlds:
+        for method in methods:
+            try:
+                rs = _dist.run(world, _rank_worker, method, args.params, args.steps, timeout=300)
+                results[(method, world)] = max(rs, key=lambda r: r["peak_bytes"])
+            except Exception as e:  # noqa: BLE001 - a peer failing under FSDP2 is a result
+                results[(method, world)] = str(e).strip().splitlines()[-1][:60]
+    for method in methods:
+        cells = []
+        for world in worlds:
+            r, base = results[(method, world)], results[("adamw", world)]
+            if isinstance(r, str) or isinstance(base, str):
+                cells.append(f"fails: {r}" if isinstance(r, str) else "base failed")
+                continue
+            pb = r["param_bytes"]
+            cells.append(f"{(r['state_bytes'] - base['state_bytes']) / pb:.2f} / "
+                         f"{(r['peak_bytes'] - base['peak_bytes']) / pb:.2f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=float, default=8e6, help="approximate parameter count (default 8e6)")
@@ -91,6 +142,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a small model and two steps (smoke test)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results directory")
+    parser.add_argument("--fsdp2", action="store_true", help="also per rank under FSDP2 at 1, 2 and 4 ranks")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -124,6 +176,8 @@ def main() -> None:
     env = (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
            f"{torch.get_num_threads()} threads; command: python benchmarks/memory.py "
            + " ".join(a for a in sys.argv[1:]))
+    if args.fsdp2:
+        lines += ["", *fsdp2_table(args)]
     text = "\n".join(lines + ["", env])
     print(text)
     out = Path(args.out)
