@@ -80,10 +80,3 @@ def wrap(model: torch.nn.Sequential, setup: str, world: int) -> Any:
     raise ValueError(setup)
 
 
-def env_line(command: str) -> str:
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
-    return f"torch {torch.__version__}, {cpu}, gloo on CPU, 1 thread per rank; command: {command}"

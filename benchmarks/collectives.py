@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import manic
+import _common
 import _dist
 
 SETUPS = [("ddp", 2), ("fsdp2", 2), ("fsdp2", 4), ("hsdp", 4), ("fsdp1", 2), ("tp", 2)]
@@ -55,11 +56,10 @@ def main() -> None:
             lines.append(f"| {setup} | {world} | {r['collectives']} | {r['bytes']} | {r['grad_allreduce_bytes']:,} |")
         except Exception as e:  # noqa: BLE001 - report the setup as failing, go on
             lines.append(f"| {setup} | {world} | failed: {str(e).strip().splitlines()[-1][:120]} | | |")
-    text = "\n".join(lines) + "\n\n" + _dist.env_line("python benchmarks/collectives.py " + " ".join(sys.argv[1:]))
+    text = "\n".join(lines) + "\n\n" + _common.env_line("python benchmarks/collectives.py " + " ".join(sys.argv[1:]),
+                                                         "gloo on CPU, 1 thread per rank")
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ("collectives_quick.md" if args.quick else "collectives.md")).write_text(text + "\n")
+    _common.save(args.out, "collectives", args.quick, text)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+import _common
 
 METHODS = ["adamw", "manic", "manic_recompute", "mechanic_pytorch", "prodigy", "dadapt_adam"]
 
@@ -173,16 +174,12 @@ def main() -> None:
             continue
         pers, peak = r["state_bytes"] - base["state_bytes"], r["peak_bytes"] - base["peak_bytes"]
         lines.append(f"| {method} | {pers / 1e6:.1f} | {pers / pb:.2f} | {peak / 1e6:.1f} | {peak / pb:.2f} |")
-    env = (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-           f"{torch.get_num_threads()} threads; command: python benchmarks/memory.py "
-           + " ".join(a for a in sys.argv[1:]))
+    env = _common.env_line("python benchmarks/memory.py " + " ".join(sys.argv[1:]))
     if args.fsdp2:
         lines += ["", *fsdp2_table(args)]
     text = "\n".join(lines + ["", env])
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ("memory_quick.md" if args.quick else "memory.md")).write_text(text + "\n")
+    _common.save(args.out, "memory", args.quick, text)
 
 
 if __name__ == "__main__":

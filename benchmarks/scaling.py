@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import manic
+import _common
 import _dist
 
 
@@ -75,11 +76,10 @@ def main() -> None:
             ratio_p = state / max(r["params"] for r in rs)
             m, b = max(r["manic_ms"] for r in rs), max(r["base_ms"] for r in rs)
             lines.append(f"| {setup} | {world} | {state / 1e6:.2f} | {ratio_p:.2f} | {m:.2f} | {b:.2f} | {m / b:.2f} |")
-    text = "\n".join(lines) + "\n\n" + _dist.env_line("python benchmarks/scaling.py " + " ".join(sys.argv[1:]))
+    text = "\n".join(lines) + "\n\n" + _common.env_line("python benchmarks/scaling.py " + " ".join(sys.argv[1:]),
+                                                         "gloo on CPU, 1 thread per rank")
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ("scaling_quick.md" if args.quick else "scaling.md")).write_text(text + "\n")
+    _common.save(args.out, "scaling", args.quick, text)
 
 
 if __name__ == "__main__":

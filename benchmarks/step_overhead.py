@@ -11,7 +11,6 @@ of square linear layers of the requested parameter count, float32.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Callable
 
 import torch
 
+import _common
 import manic
 
 BASES: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
@@ -115,17 +115,12 @@ def main() -> None:
     rows = []
     for n in args.params:
         rows += measure(n, args.bases, args.repeats, warmup=2 if args.quick else 5)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    env = (f"torch {torch.__version__}, {cpu}, {torch.get_num_threads()} threads; median of {args.repeats} "
-           f"interleaved steps; command: python benchmarks/step_overhead.py {' '.join(sys.argv[1:])}")
+    env = _common.env_line("python benchmarks/step_overhead.py " + " ".join(sys.argv[1:]),
+                           f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved steps")
     text = table(rows) + "\n\n" + env
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "step_overhead_quick" if args.quick else "step_overhead"
-    (out / f"{stem}.md").write_text(text + "\n")
-    with open(out / f"{stem}.csv", "w") as f:
+    md = _common.save(args.out, "step_overhead", args.quick, text)
+    with open(md.with_suffix(".csv"), "w") as f:
         f.write("params,method,base,ms,ratio\n")
         f.writelines(f"{r['params']},{r['method']},{r['base']},{r['ms']:.4f},{r['ratio']:.4f}\n" for r in rows)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import _common
 import manic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
@@ -65,12 +66,9 @@ def main() -> None:
     for name, t in times.items():
         m = statistics.median(t)
         lines.append(f"| {name} | {m * 1e3:.1f} | {100 * (m / base - 1):+.1f}% |")
-    text = "\n".join(lines) + (f"\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads; command: "
-                               f"python benchmarks/train_overhead.py {' '.join(sys.argv[1:])}")
+    text = "\n".join(lines) + "\n\n" + _common.env_line("python benchmarks/train_overhead.py " + " ".join(sys.argv[1:]))
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ("train_overhead_quick.md" if args.quick else "train_overhead.md")).write_text(text + "\n")
+    _common.save(args.out, "train_overhead", args.quick, text)
 
 
 if __name__ == "__main__":

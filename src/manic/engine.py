@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import kernels, tuner
-from .reduce import NoReduce, Reducer, check_config, detect
+from .reduce import Reducer, check_config, detect
 from .tuner import Hyper, TunerState
 
 FORMAT_VERSION = 1
@@ -376,6 +376,25 @@ class Engine:
             raise ValueError(f"Checkpoint {key} is a plain tensor but its parameter is a DTensor; "
                              "load sharded state with torch.distributed.checkpoint")
         return value.detach().to(device=p.device, dtype=dtype, copy=True)
+
+
+class TunerReadout:
+    """What both user-facing forms expose of their engine."""
+
+    _engine: Engine
+
+    @property
+    def hyper(self) -> Hyper:
+        return self._engine.hyper
+
+    @property
+    def scale(self) -> Tensor:
+        """The current scale S (sum of the per-beta scales), a 0-dim tensor on the device."""
+        return self._engine.scale
+
+    def stats(self) -> dict[str, Tensor]:
+        """Tuner statistics for logging (0-dim tensors; reading them syncs, the step does not)."""
+        return self._engine.stats()
 
 
 def strip_mechanic(sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:

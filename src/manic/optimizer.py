@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
 
-from .engine import Engine, strip_mechanic
+from .engine import Engine, TunerReadout, strip_mechanic
 from .reduce import Reducer
 from .tuner import Hyper
 
 
-class Mechanized(torch.optim.Optimizer):
+class Mechanized(TunerReadout, torch.optim.Optimizer):
     """A base optimizer whose accumulated updates Mechanic scales.
 
     ``param_groups`` and ``state`` ARE the base optimizer's, so LR schedulers, gradient
@@ -62,19 +61,6 @@ class Mechanized(torch.optim.Optimizer):
     @property
     def base_optimizer(self) -> torch.optim.Optimizer:
         return self._base
-
-    @property
-    def hyper(self) -> Hyper:
-        return self._engine.hyper
-
-    @property
-    def scale(self) -> Tensor:
-        """The current scale S (sum of the per-beta scales), a 0-dim tensor on the device."""
-        return self._engine.scale
-
-    def stats(self) -> dict[str, Tensor]:
-        """Tuner statistics for logging (0-dim tensors; reading them syncs, the step does not)."""
-        return self._engine.stats()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None

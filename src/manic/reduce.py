@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 

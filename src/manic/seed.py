@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from .engine import Engine, strip_mechanic
+from .engine import Engine, TunerReadout, strip_mechanic
 from .reduce import Reducer
 from .tuner import Hyper
 
@@ -72,7 +71,7 @@ class Updater:
             self._engine.publish()
 
 
-class Mechanic:
+class Mechanic(TunerReadout):
     """Tunes the scale of the updates of ``updater``'s base optimizer.
 
     Call ``mechanic.step()`` after ``loss.backward()`` and before ``updater.step()``.
@@ -102,18 +101,6 @@ class Mechanic:
         if value is not self.updater.base_optimizer:
             raise ValueError("Mechanic.optimizer is the updater's base optimizer and cannot be replaced; "
                              "build a new Updater and Mechanic for another optimizer")
-
-    @property
-    def hyper(self) -> Hyper:
-        return self._engine.hyper
-
-    @property
-    def scale(self) -> Tensor:
-        """The current scale S (sum of the per-beta scales), a 0-dim tensor on the device."""
-        return self._engine.scale
-
-    def stats(self) -> dict[str, Tensor]:
-        return self._engine.stats()
 
     def get_last_lr(self) -> list[float]:
         """``[float(scale)]``, like an LR scheduler (reading it syncs with the device)."""
