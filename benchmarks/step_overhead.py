@@ -47,32 +47,39 @@ def variants(base: str) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.
     return out
 
 
-def model_params(n: float, seed: int = 0) -> list[torch.Tensor]:
+def model_params(n: float, seed: int = 0, device: str = "cpu") -> list[torch.Tensor]:
     width = 1024 if n >= 4e6 else 512
     layers = max(1, round(n / (width * width + width)))
     torch.manual_seed(seed)
     params = []
     for _ in range(layers):
         for shape in ((width, width), (width,)):
-            p = torch.nn.Parameter(torch.randn(shape) * 0.02)
-            p.grad = torch.randn(shape) * 1e-3
+            p = torch.nn.Parameter(torch.randn(shape, device=device) * 0.02)
+            p.grad = torch.randn(shape, device=device) * 1e-3
             params.append(p)
     return params
 
 
-def measure(n: float, bases: list[str], repeats: int, warmup: int) -> list[dict]:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(n: float, bases: list[str], repeats: int, warmup: int, device: str = "cpu") -> list[dict]:
     opts = {}
     for base in bases:
         for name, make in variants(base).items():
-            opts[name] = (base, make(model_params(n)))
+            opts[name] = (base, make(model_params(n, device=device)))
     times: dict[str, list[float]] = {name: [] for name in opts}
     for name, (_, opt) in opts.items():
         for _ in range(warmup):  # includes torch.compile's first call
             opt.step()
     for _ in range(repeats):
         for name, (_, opt) in opts.items():
+            _sync(device)
             start = time.perf_counter()
             opt.step()
+            _sync(device)
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     n_actual = sum(p.numel() for p in opts[bases[0]][1].param_groups[0]["params"])
@@ -105,6 +112,7 @@ def main() -> None:
     parser.add_argument("--bases", nargs="+", default=list(BASES), choices=list(BASES))
     parser.add_argument("--repeats", type=int, default=30, help="timed steps per method (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="one small model, few steps (smoke test)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
@@ -114,7 +122,7 @@ def main() -> None:
         args.params, args.repeats, args.bases = [2e5], 3, ["adamw_fused", "adamw_foreach"]
     rows = []
     for n in args.params:
-        rows += measure(n, args.bases, args.repeats, warmup=2 if args.quick else 5)
+        rows += measure(n, args.bases, args.repeats, warmup=2 if args.quick else 5, device=args.device)
     env = _common.env_line("python benchmarks/step_overhead.py " + " ".join(sys.argv[1:]),
                            f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved steps")
     text = table(rows) + "\n\n" + env

@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a tiny model, 3 steps (smoke test)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
@@ -45,17 +46,19 @@ def main() -> None:
     runs = {}
     for name, make in methods.items():
         torch.manual_seed(0)
-        model = GPT(cfg)
+        model = GPT(cfg).to(args.device)
         runs[name] = (model, make(model.parameters()))
     times: dict[str, list[float]] = {name: [] for name in runs}
     for step in range(args.steps + 3):
-        x, y = data.batch("train", args.batch_size, args.block_size, seed=0, step=step)
+        x, y = (t.to(args.device) for t in data.batch("train", args.batch_size, args.block_size, seed=0, step=step))
         for name, (model, opt) in runs.items():
             start = time.perf_counter()
             loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
             if step >= 3:  # warm-up (and the compile) excluded
                 times[name].append(time.perf_counter() - start)
     base = statistics.median(times["adamw"])
