@@ -231,3 +231,30 @@ def test_zero_initialised_parameters_no_nan():
     assert torch.isfinite(w).all() and torch.isfinite(b).all()
     for k in ("h", "grad_norm", "param_norm"):
         assert torch.isfinite(opt.stats()[k])
+
+
+def test_user_supplied_reducer_is_called_once_per_step_with_the_packed_sums():
+    class Doubling:
+        """Pretends a second rank holds an identical copy of the model: sums double."""
+
+        def __init__(self):
+            self.calls = []
+
+        def all_reduce_sum(self, tensor):
+            self.calls.append(tensor.clone())
+            return tensor * 2
+
+    params, twin_a, twin_b = init_params(0), init_params(0), init_params(0)
+    reducer = Doubling()
+    opt = manic.mechanize(torch.optim.SGD(params, lr=0.1), reducer=reducer)
+    # the same model twice in one process is what the doubled sums describe
+    both = manic.mechanize(torch.optim.SGD(twin_a + twin_b, lr=0.1))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        grads = [torch.randn(p.shape, generator=g, dtype=p.dtype) + 0.5 for p in params]
+        for p, a, b, gr in zip(params, twin_a, twin_b, grads):
+            p.grad, a.grad, b.grad = gr.clone(), gr.clone(), gr.clone()
+        opt.step()
+        both.step()
+    assert len(reducer.calls) == 20 and all(c.shape == (4,) for c in reducer.calls)
+    torch.testing.assert_close(opt.scale, both.scale, rtol=1e-12, atol=0)
