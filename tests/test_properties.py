@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import manic
-from manic.engine import DELTA, REF
+from manic.state import DELTA, REF
 
 shapes = st.lists(st.integers(0, 6), min_size=1, max_size=3).map(tuple)
 

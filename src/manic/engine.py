@@ -22,13 +22,8 @@ from torch import Tensor
 
 from . import kernels, tuner
 from .reduce import Reducer, check_config, detect
+from .state import DELTA, FORMAT_VERSION, HYPER_KEYS, PARAM_KEYS, REF, check_state_dict
 from .tuner import Hyper, TunerState
-
-FORMAT_VERSION = 1
-REF, DELTA = "mechanic_ref", "mechanic_delta"
-PARAM_KEYS = (REF, DELTA)
-_TUNER_KEYS = ("r", "m", "v", "s", "step", "skipped")
-_HYPER_KEYS = ("weight_decay", "eps", "s_init", "num_betas", "store_delta")
 
 try:  # DTensor parameters (FSDP2, TP): Mechanic works on the local shard.
     from torch.distributed.tensor import DTensor
@@ -274,7 +269,7 @@ class Engine:
     # ------------------------------------------------------------------ publishing
     def group_entries(self) -> dict[str, Any]:
         out: dict[str, Any] = {f"mechanic_{k}": t for k, t in self.tuner.tensors().items()}
-        out.update({f"mechanic_{k}": getattr(self.hyper, k) for k in _HYPER_KEYS})
+        out.update({f"mechanic_{k}": getattr(self.hyper, k) for k in HYPER_KEYS})
         out["mechanic_version"] = FORMAT_VERSION
         return out
 
@@ -303,46 +298,7 @@ class Engine:
 
     def check_state_dict(self, sd: dict[str, Any]) -> None:
         """Raise ValueError if ``sd`` (the form of ``state_dict``) cannot be loaded here."""
-        t = sd.get("tuner")
-        if not isinstance(t, dict):
-            raise ValueError("Not a Mechanic state dict: it has no 'tuner' entry")
-        version = t.get("mechanic_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(f"Unsupported Mechanic state format version {version!r}; this manic reads <= {FORMAT_VERSION}")
-        for k in _HYPER_KEYS:
-            saved, mine = t.get(f"mechanic_{k}"), getattr(self.hyper, k)
-            if saved != mine or type(saved) is not type(mine) and isinstance(mine, bool):
-                raise ValueError(f"Checkpoint has {k}={saved!r} but this Mechanic has {k}={mine!r}; "
-                                 f"build it with {k}={saved!r} to resume this run")
-        n = self.hyper.num_betas
-        for k in _TUNER_KEYS:
-            v = t.get(f"mechanic_{k}")
-            want = (n,) if k in ("r", "m", "v", "s") else ()
-            if not isinstance(v, Tensor) or tuple(v.shape) != want:
-                raise ValueError(f"Checkpoint entry mechanic_{k} should be a tensor of shape {want}, got {v!r:.80}")
-        state = sd.get("state", {})
-        mine_by_index = {i: p for i, p, _ in self._entries}
-        want_keys = set(PARAM_KEYS if self.hyper.store_delta else (REF,))
-        started = int(t["mechanic_step"]) > 0
-        for i, p in mine_by_index.items():
-            entry = {k: v for k, v in state.get(i, {}).items() if k in PARAM_KEYS}
-            if not entry:
-                # (FSDP1 with use_orig_params=True keeps no state for a rank's empty views)
-                if started and local(p).numel() > 0:
-                    raise ValueError(f"Checkpoint has no Mechanic buffers for parameter {i}; it comes from another "
-                                     "model or optimizer layout")
-                continue
-            if set(entry) != want_keys:
-                raise ValueError(f"Checkpoint parameter {i} has Mechanic buffers {sorted(entry)}, expected "
-                                 f"{sorted(want_keys)} (store_delta={self.hyper.store_delta})")
-            for k, v in entry.items():
-                if not isinstance(v, Tensor) or v.shape != p.shape:
-                    shape = getattr(v, "shape", None)
-                    raise ValueError(f"Checkpoint {k} of parameter {i} has shape {tuple(shape) if shape is not None else v!r}, "
-                                     f"the parameter has {tuple(p.shape)}; it comes from another model")
-        extra = sorted(i for i, entry in state.items() if i not in mine_by_index and any(k in PARAM_KEYS for k in entry))
-        if extra:
-            raise ValueError(f"Checkpoint has Mechanic buffers for parameters {extra}, which are not under Mechanic here")
+        check_state_dict(sd, self.hyper, self._entries)
 
     @torch.no_grad()
     def load_state_dict(self, sd: dict[str, Any] | None) -> None:
@@ -395,35 +351,6 @@ class TunerReadout:
     def stats(self) -> dict[str, Tensor]:
         """Tuner statistics for logging (0-dim tensors; reading them syncs, the step does not)."""
         return self._engine.stats()
-
-
-def strip_mechanic(sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Split a full optimizer state dict into (the base optimizer's part, Mechanic's part or None).
-
-    Mechanic's per-parameter entries are re-keyed by position in the saved param groups, as
-    torch's load_state_dict matches them (state keys may be integers or, from
-    torch.distributed.checkpoint's helpers, parameter names).
-    """
-    groups = [dict(g) for g in sd["param_groups"]]
-    position = {key: i for i, key in enumerate(k for g in groups for k in g.get("params", []))}
-    tuner_entries = {}
-    for g in groups:
-        for k in [k for k in g if k.startswith("mechanic_")]:
-            value = g.pop(k)
-            tuner_entries.setdefault(k, value)
-    state, params = {}, {}
-    for key, entry in sd["state"].items():
-        mine = {k: v for k, v in entry.items() if k in PARAM_KEYS}
-        state[key] = {k: v for k, v in entry.items() if k not in PARAM_KEYS}
-        if mine:
-            if key not in position:
-                raise ValueError(f"State entry {key!r} belongs to no parameter of the saved param groups")
-            params[position[key]] = mine
-    base = dict(sd)
-    base["state"], base["param_groups"] = state, groups
-    if not tuner_entries:
-        return base, None
-    return base, {"state": params, "tuner": tuner_entries}
 
 
 def _check_optimizer(optimizer: Any) -> None:

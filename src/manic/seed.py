@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from .engine import Engine, TunerReadout, strip_mechanic
+from .engine import Engine, TunerReadout
+from .state import strip_mechanic
 from .reduce import Reducer
 from .tuner import Hyper
 
