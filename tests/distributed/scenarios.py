@@ -123,16 +123,23 @@ def check_counts(name: str, counts: list, collectives: int) -> None:
     assert all(c == (collectives, 0) for c in counts), f"{name}: (collectives, host syncs) per step {counts}"
 
 
+def check_form(name: str, model: nn.Module, collectives: int, kind: str = "adamw",
+               unwrapped: nn.Module | None = None) -> tuple[dict, torch.optim.Optimizer]:
+    """Train the parallel ``model`` under manic; check the counts per step and the match with
+    the single-process run."""
+    opt = manic.mechanize(base(model.parameters(), kind))
+    counts: list = []
+    scales = train(model, opt, STEPS, counts=counts)
+    check_counts(name, counts, collectives)
+    return compare(name, unwrapped or model, scales, baseline(kind=kind)), opt
+
+
 # ----------------------------------------------------------------------------- forms
 def ddp(rank: int, world: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = DDP(make_net())
-    opt = manic.mechanize(base(model.parameters()))
-    counts: list = []
-    scales = train(model, opt, STEPS, counts=counts)
-    check_counts("ddp", counts, 0)
-    return compare("ddp", model.module, scales, baseline())
+    return check_form("ddp", model, 0, unwrapped=model.module)[0]
 
 
 def fsdp1(rank: int, world: int, use_orig_params: bool) -> dict:
@@ -196,13 +203,8 @@ def shard2(model: Net, mesh: Any = None) -> Net:
 
 
 def fsdp2(rank: int, world: int) -> dict:
-    model = shard2(make_net())
-    opt = manic.mechanize(base(model.parameters()))
-    counts: list = []
-    scales = train(model, opt, STEPS, counts=counts)
-    check_counts("fsdp2", counts, 1)
-    local = sum(manic_bytes(opt))
-    return {**compare("fsdp2", model, scales, baseline()), "state_bytes": local}
+    result, opt = check_form("fsdp2", shard2(make_net()), 1)
+    return {**result, "state_bytes": sum(manic_bytes(opt))}
 
 
 def manic_bytes(opt: torch.optim.Optimizer) -> list[int]:
@@ -222,11 +224,7 @@ def hsdp(rank: int, world: int) -> dict:
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     model = shard2(make_net(), mesh)
     assert tuple(model.fc1.weight.placements) == (Replicate(), Shard(0))
-    opt = manic.mechanize(base(model.parameters()))
-    counts: list = []
-    scales = train(model, opt, STEPS, counts=counts)
-    check_counts("hsdp", counts, 1)
-    return compare("hsdp", model, scales, baseline())
+    return check_form("hsdp", model, 1)[0]
 
 
 def tp(rank: int, world: int) -> dict:
@@ -237,11 +235,7 @@ def tp(rank: int, world: int) -> dict:
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     model = parallelize_module(make_net(), mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
-    opt = manic.mechanize(base(model.parameters(), "sgd"))
-    counts: list = []
-    scales = train(model, opt, STEPS, counts=counts)
-    check_counts("tp", counts, 1)
-    return compare("tp", model, scales, baseline(kind="sgd"))
+    return check_form("tp", model, 1, kind="sgd")[0]
 
 
 def pipeline(rank: int, world: int) -> dict:
@@ -416,11 +410,7 @@ def fsdp_tp(rank: int, world: int) -> dict:
         fully_shard(layer, mesh=mesh["dp"])
     fully_shard(model, mesh=mesh["dp"])
     assert model.fc1.weight.device_mesh.ndim == 2 and model.gain.device_mesh.ndim == 1
-    opt = manic.mechanize(base(model.parameters(), "sgd"))
-    counts: list = []
-    scales = train(model, opt, STEPS, counts=counts)
-    check_counts("fsdp_tp", counts, 1)
-    return compare("fsdp_tp", model, scales, baseline(kind="sgd"))
+    return check_form("fsdp_tp", model, 1, kind="sgd")[0]
 
 
 def grads_none_on_one_rank(rank: int, world: int) -> dict:
