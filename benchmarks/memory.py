@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -121,7 +122,8 @@ def fsdp2_table(args: argparse.Namespace) -> list[str]:
                 rs = _dist.run(world, _rank_worker, method, args.params, args.steps, timeout=300)
                 results[(method, world)] = max(rs, key=lambda r: r["peak_bytes"])
             except Exception as e:  # noqa: BLE001 - a peer failing under FSDP2 is a result
-                results[(method, world)] = str(e).strip().splitlines()[-1][:60]
+                errors = [ln.strip() for ln in str(e).splitlines() if re.match(r"\s*\w+(Error|Exception)\b", ln)]
+                results[(method, world)] = (errors[-1] if errors else str(e).strip().splitlines()[0])[:90]
     for method in methods:
         cells = []
         for world in worlds:

@@ -22,29 +22,29 @@ import torch
 import _common
 import manic
 
-BASES: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
-    "adamw_fused": lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
-    "adamw_foreach": lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True),
-    "sgd_foreach": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, foreach=True),
+# name -> (optimizer class, keyword arguments)
+BASES: dict[str, tuple[type, dict]] = {
+    "adamw_fused": (torch.optim.AdamW, {"lr": 1e-3, "fused": True}),
+    "adamw_foreach": (torch.optim.AdamW, {"lr": 1e-3, "foreach": True}),
+    "sgd_foreach": (torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9, "foreach": True}),
 }
 
 
 def variants(base: str) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
-    make = BASES[base]
-    out = {
-        base: make,
-        f"manic({base})": lambda p: manic.mechanize(make(p)),
-        f"manic({base}, store_delta=False)": lambda p: manic.mechanize(make(p), store_delta=False),
-        f"manic({base}, compile=True)": lambda p: manic.mechanize(make(p), compile=True),
+    cls, kwargs = BASES[base]
+
+    def mechanic_pytorch(p: list[torch.Tensor]) -> torch.optim.Optimizer:
+        from mechanic_pytorch import mechanize  # wraps an optimizer class
+
+        return mechanize(cls)(p, **kwargs)
+
+    return {
+        base: lambda p: cls(p, **kwargs),
+        f"manic({base})": lambda p: manic.mechanize(cls(p, **kwargs)),
+        f"manic({base}, store_delta=False)": lambda p: manic.mechanize(cls(p, **kwargs), store_delta=False),
+        f"manic({base}, compile=True)": lambda p: manic.mechanize(cls(p, **kwargs), compile=True),
+        f"mechanic-pytorch({base})": mechanic_pytorch,
     }
-    if base == "adamw_foreach":  # mechanic-pytorch wraps an optimizer class
-        def mechanic_pytorch(p: list[torch.Tensor]) -> torch.optim.Optimizer:
-            from mechanic_pytorch import mechanize
-
-            return mechanize(torch.optim.AdamW)(p, lr=1e-3, foreach=True)
-
-        out["mechanic-pytorch(adamw_foreach)"] = mechanic_pytorch
-    return out
 
 
 def model_params(n: float, seed: int = 0, device: str = "cpu") -> list[torch.Tensor]:
@@ -87,13 +87,9 @@ def measure(n: float, bases: list[str], repeats: int, warmup: int, device: str =
     for name, (base, _) in opts.items():
         rows.append({"params": n_actual, "method": name, "base": base, "ms": median[name],
                      "ratio": median[name] / median[base], "overhead_ms": median[name] - median[base]})
-    mp = f"mechanic-pytorch({bases[0]})"
-    if mp not in median and "adamw_foreach" in bases:
-        mp = "mechanic-pytorch(adamw_foreach)"
-    for r in rows:
-        mp_overhead = next((x["overhead_ms"] for x in rows if x["method"] == mp), None)
-        r["vs_mechanic_pytorch"] = (r["overhead_ms"] / mp_overhead if mp_overhead and r["method"].startswith("manic")
-                                    else None)
+    for r in rows:  # manic's overhead relative to mechanic-pytorch's over the same base
+        mp = next((x["overhead_ms"] for x in rows if x["method"] == f"mechanic-pytorch({r['base']})"), None)
+        r["vs_mechanic_pytorch"] = r["overhead_ms"] / mp if mp and r["method"].startswith("manic") else None
     return rows
 
 
