@@ -1,64 +1,149 @@
 """Collectives and bytes one Mechanic step sends, per parallel setup (real gloo ranks on CPU).
 
-Counts every c10d / functional-collective op dispatched inside ``opt.step()`` (a
-TorchDispatchMode) and the bytes of its tensor arguments, next to the bytes one gradient
-all-reduce of the same model moves (what DDP sends per step anyway).
+What is measured: every op in the ``c10d`` / ``_c10d_functional`` namespaces dispatched while
+``opt.step()`` runs, for ``opt = manic.mechanize(torch.optim.AdamW(..., fused=True))`` on an MLP
+wrapped in DDP, FSDP2 (``fully_shard``), HSDP (FSDP2 on a 2x2 replicate x shard mesh), FSDP1 and
+tensor parallelism. A ``TorchDispatchMode`` counts the ops and sums the bytes of their tensor
+arguments (an in-place all-reduce counts its buffer once; an all-gather or reduce-scatter counts
+its input and output). Each setup trains a few steps; the table shows the count per step (a range
+if it varied over steps or ranks). For contrast, in the same run: the same counts for the base
+optimizer's step alone (plain fused AdamW, same setup), the collectives the setup itself issues in
+forward + backward, and the bytes of one all-reduce of all gradients (what DDP moves per step).
 
-    python benchmarks/collectives.py [--params 2e6] [--quick]
+    python benchmarks/collectives.py [--params 2e6] [--steps 4] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import manic
 import _common
-import _dist
+import _dist  # benchmarks/_dist.py: the tests' rank launcher (forkserver, gloo, TCPStore on port 0), mlp, wrap
 
-SETUPS = [("ddp", 2), ("fsdp2", 2), ("fsdp2", 4), ("hsdp", 4), ("fsdp1", 2), ("tp", 2)]
+SETUPS = [("ddp", 2), ("fsdp2", 2), ("hsdp", 4), ("fsdp1", 2), ("fsdp2", 4), ("tp", 2)]
+QUICK_SETUPS = [("ddp", 2), ("fsdp2", 2)]
+NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
 
 
-def rank_main(rank: int, world: int, setup: str, n_params: float, steps: int) -> dict:
-    model = _dist.wrap(_dist.mlp(n_params), setup, world)
-    base = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)  # no collective of its own
-    opt = manic.mechanize(base)
-    x = torch.randn(8, _dist.width(n_params))
-    counts = []
+class Collectives(TorchDispatchMode):
+    """Counts the collectives dispatched inside the block, the bytes of their tensor arguments,
+    and which ops they were."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.bytes = 0
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func.namespace in NAMESPACES:
+            self.count += 1
+            self.ops[func.overloadpacket.__name__] += 1
+            for a in list(args) + list((kwargs or {}).values()):
+                for t in a if isinstance(a, (list, tuple)) else [a]:
+                    if isinstance(t, torch.Tensor):
+                        self.bytes += t.numel() * t.element_size()
+        return func(*args, **(kwargs or {}))
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+           steps: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]], Counter[str]]:
+    """(count, bytes) of each step and of each forward + backward; the step's ops (last step)."""
+    steps_seen, fwd_bwd = [], []
+    ops: Counter[str] = Counter()
     for _ in range(steps):
         opt.zero_grad()
-        model(x).square().mean().backward()
-        with _dist.Collectives() as c:
+        with Collectives() as fb:
+            model(x).square().mean().backward()
+        with Collectives() as c:
             opt.step()
-        counts.append((c.count, c.bytes))
-    n = sum(p.numel() for p in _dist.mlp(n_params).parameters())
-    return {"collectives": counts[-1][0], "bytes": counts[-1][1], "grad_allreduce_bytes": 4 * n, "params": n}
+        steps_seen.append((c.count, c.bytes))
+        fwd_bwd.append((fb.count, fb.bytes))
+        ops = c.ops
+    return steps_seen, fwd_bwd, ops
+
+
+def rank_main(rank: int, world: int, setup: str, n_params: float, steps: int) -> dict[str, Any]:
+    x = torch.randn(8, _dist.width(n_params))
+    model = _dist.wrap(_dist.mlp(n_params), setup, world)
+    opt = manic.mechanize(torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True))
+    manic_steps, fwd_bwd, ops = _train(model, opt, x, steps)
+    plain = _dist.wrap(_dist.mlp(n_params), setup, world)
+    base_steps, _, _ = _train(plain, torch.optim.AdamW(plain.parameters(), lr=1e-3, fused=True), x, steps)
+    full = _dist.mlp(n_params)
+    grad_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
+    return {"manic": manic_steps, "base": base_steps, "fwd_bwd": fwd_bwd, "ops": dict(ops),
+            "grad_allreduce_bytes": grad_bytes, "params": sum(p.numel() for p in full.parameters())}
+
+
+def _span(values: list[int], fmt: str = "{:,}") -> str:
+    lo, hi = min(values), max(values)
+    return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}–{fmt.format(hi)}"
+
+
+def _row(setup: str, world: int, rs: list[dict[str, Any]]) -> str:
+    def col(key: str, i: int) -> list[int]:
+        return [step[i] for r in rs for step in r[key]]
+
+    def last(key: str, i: int) -> list[int]:  # steady state (DDP rebuilds its buckets after step 1)
+        return [r[key][-1][i] for r in rs]
+
+    m_count, m_bytes = col("manic", 0), col("manic", 1)
+    grad = rs[0]["grad_allreduce_bytes"]
+    ops = ", ".join(f"{k} x{v}" for k, v in sorted(rs[0]["ops"].items())) or "none"
+    fraction = f"{max(m_bytes) / grad:.1e}" if max(m_bytes) else "0"
+    return (f"| {setup} | {world} | {_span(m_count)} | {_span(m_bytes)} | {ops} | "
+            f"{_span(col('base', 0))} / {_span(col('base', 1))} | "
+            f"{_span(last('fwd_bwd', 0))} / {_span(last('fwd_bwd', 1))} | {grad:,} | {fraction} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=float, default=2e6, help="model size (default 2e6)")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="a tiny model, two setups (smoke test)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--params", type=float, default=2e6, help="MLP size in parameters (default 2e6)")
+    parser.add_argument("--steps", type=int, default=4, help="steps counted per setup (default 4)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: a 0.5M-parameter MLP, ddp and fsdp2 only")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results directory")
     args = parser.parse_args()
     setups = SETUPS
     if args.quick:
-        args.params, setups = 2e5, [("ddp", 2), ("fsdp2", 2)]
-    lines = ["| setup | ranks | collectives / step | bytes / step | one gradient all-reduce (bytes) |",
-             "| --- | --- | --- | --- | --- |"]
+        args.params, args.steps, setups = 2e5, 2, QUICK_SETUPS
+    lines = ["| setup | ranks | collectives / step | bytes / step | ops in the step | base step alone: "
+             "collectives / bytes | setup's own fwd+bwd: collectives / bytes | one gradient all-reduce (bytes) "
+             "| step bytes / gradient all-reduce |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    failures = []
+    n_params = 0
     for setup, world in setups:
         try:
-            r = _dist.run(world, rank_main, setup, args.params, args.steps, timeout=300)[0]
-            lines.append(f"| {setup} | {world} | {r['collectives']} | {r['bytes']} | {r['grad_allreduce_bytes']:,} |")
+            rs = _dist.run(world, rank_main, setup, args.params, args.steps, timeout=600)
+            n_params = rs[0]["params"]
+            lines.append(_row(setup, world, rs))
         except Exception as e:  # noqa: BLE001 - report the setup as failing, go on
-            lines.append(f"| {setup} | {world} | failed: {str(e).strip().splitlines()[-1][:120]} | | |")
-    text = "\n".join(lines) + "\n\n" + _common.env_line("python benchmarks/collectives.py " + " ".join(sys.argv[1:]),
-                                                         "gloo on CPU, 1 thread per rank")
-    print(text)
+            lines.append(f"| {setup} | {world} | failed (traceback below) | | | | | | |")
+            failures.append(f"### {setup}, {world} ranks\n\n```\n{str(e).strip()}\n```")
+        print(lines[-1], flush=True)
+    notes = [f"MLP of {n_params:,} float32 parameters, {args.steps} steps per setup, counts per step over all "
+             "steps and ranks (a range if they varied). Bytes are the summed sizes of each collective's tensor "
+             "arguments: an in-place all-reduce counts its buffer once, an all-gather or reduce-scatter its input "
+             "and output. 'Base step alone' is fused AdamW without Mechanic on the same setup; 'fwd+bwd' is what the "
+             "setup itself sends in the last step's forward and backward (DDP's bucketed gradient all-reduce, FSDP's all-gathers and "
+             "reduce-scatters). Setups: ddp = DistributedDataParallel; fsdp2 = fully_shard per Linear and the root; "
+             "hsdp = the same on init_device_mesh('cpu', (2, 2), mesh_dim_names=('replicate', 'shard')); "
+             "fsdp1 = FullyShardedDataParallel(model, device_id=cpu); tp = alternating Colwise/RowwiseParallel."]
+    command = shlex.join(["python", "benchmarks/collectives.py", *sys.argv[1:]])
+    text = "\n".join(lines + [""] + notes + ["", _common.env_line(command, "gloo on CPU, 1 thread per rank")])
+    if failures:
+        text += "\n\n## Failures\n\n" + "\n\n".join(failures)
+    print("\n" + text)
     _common.save(args.out, "collectives", args.quick, text)
 
 
