@@ -80,3 +80,15 @@ def wrap(model: torch.nn.Sequential, setup: str, world: int) -> Any:
     raise ValueError(setup)
 
 
+def publish(name: str, args: Any, lines: list[str], notes: list[str], failures: list[str]) -> None:
+    """Print a distributed benchmark's table, notes and failures, and save them under results/."""
+    import shlex
+
+    import _common
+
+    command = shlex.join(["python", f"benchmarks/{name}.py", *sys.argv[1:]])
+    text = "\n".join(lines + [""] + notes + ["", _common.env_line(command, "gloo on CPU, 1 thread per rank")])
+    if failures:
+        text += "\n\n## Failures\n\n" + "\n\n".join(failures)
+    print("\n" + text)
+    _common.save(args.out, name, args.quick, text)

@@ -16,8 +16,6 @@ forward + backward, and the bytes of one all-reduce of all gradients (what DDP m
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import manic
-import _common
 import _dist  # benchmarks/_dist.py: the tests' rank launcher (forkserver, gloo, TCPStore on port 0), mlp, wrap
 
 SETUPS = [("ddp", 2), ("fsdp2", 2), ("hsdp", 4), ("fsdp1", 2), ("fsdp2", 4), ("tp", 2)]
@@ -139,12 +136,7 @@ def main() -> None:
              "reduce-scatters). Setups: ddp = DistributedDataParallel; fsdp2 = fully_shard per Linear and the root; "
              "hsdp = the same on init_device_mesh('cpu', (2, 2), mesh_dim_names=('replicate', 'shard')); "
              "fsdp1 = FullyShardedDataParallel(model, device_id=cpu); tp = alternating Colwise/RowwiseParallel."]
-    command = shlex.join(["python", "benchmarks/collectives.py", *sys.argv[1:]])
-    text = "\n".join(lines + [""] + notes + ["", _common.env_line(command, "gloo on CPU, 1 thread per rank")])
-    if failures:
-        text += "\n\n## Failures\n\n" + "\n\n".join(failures)
-    print("\n" + text)
-    _common.save(args.out, "collectives", args.quick, text)
+    _dist.publish("collectives", args, lines, notes, failures)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,6 @@ import torch
 import torch.distributed as dist
 
 import manic
-import _common
 import _dist  # benchmarks/_dist.py: the tests' rank launcher (forkserver, gloo, TCPStore on port 0), mlp, wrap
 
 SETUPS = ("ddp", "fsdp2")
@@ -116,12 +113,7 @@ def main() -> None:
              "",
              f"\\* This machine has {cores} cores: with more ranks than cores the ranks share cores (and FSDP2's "
              "all-reduce inside the step waits for descheduled ranks), so those timings are pessimistic."]
-    command = shlex.join(["python", "benchmarks/scaling.py", *sys.argv[1:]])
-    text = "\n".join(lines + [""] + notes + ["", _common.env_line(command, "gloo on CPU, 1 thread per rank")])
-    if failures:
-        text += "\n\n## Failures\n\n" + "\n\n".join(failures)
-    print("\n" + text)
-    _common.save(args.out, "scaling", args.quick, text)
+    _dist.publish("scaling", args, lines, notes, failures)
 
 
 if __name__ == "__main__":
