@@ -54,11 +54,15 @@ def mechanic_params(optimizer: torch.optim.Optimizer) -> list[tuple[int, Tensor,
 
 @dataclass
 class _Pending:
-    S_old: Tensor | None  # None: an idle step (see Engine.prepare)
-    S_new: Tensor | None = None
+    """A prepared step: applied by ``finish``, or forgotten by ``cancel`` as if never taken."""
+
+    rollback: tuple  # (buffers, started, published state) before the step
+    S_old: Tensor | None = None  # None: an idle step (see Engine.prepare)
+    tuner: TunerState | None = None  # the tuner after the step, committed by finish
     ok: Tensor | None = None  # the sums were finite (0-dim bool, on the device)
     diffs: list[Tensor] | None = None  # x_t - x_ref (store_delta=False only)
     skip_base: bool = False  # skip_nonfinite and the sums were not finite
+    last: dict[str, Tensor] | None = None  # statistics for stats()
 
 
 class Engine:
@@ -166,11 +170,20 @@ class Engine:
 
     @torch.no_grad()
     def prepare(self) -> None:
-        """Everything before the base step: partial sums, the one reduce, the tuner update."""
+        """Everything before the base step: partial sums, the one reduce, the tuner update.
+        Nothing is committed until ``finish``: a step that fails leaves Mechanic as it was."""
         if self._pending is not None:
             raise RuntimeError("Mechanic's step was called twice without the base optimizer stepping in between; "
                                "call updater.step() after each mechanic.step()")
         self._check_unchanged()
+        rollback = (self._buf, self._started, self._published_state)
+        try:
+            self._pending = self._prepare(rollback)
+        except BaseException:
+            self._buf, self._started, self._published_state = rollback
+            raise
+
+    def _prepare(self, rollback: tuple) -> _Pending:
         if not self._started:
             # Mechanic starts at the first step with a non-zero learning rate. Before it, the
             # base update is zero, so starting later leaves the trajectory as it is; and
@@ -179,17 +192,15 @@ class Engine:
             self._buf = {p: self._new_buffers(p) for p in self._params}
             self._published_state = None
             if self._all_lr_zero():
-                self._pending = _Pending(None)
-                return
+                return _Pending(rollback)
             self._started = True
         sums, diffs = self._local_sums()
         sums = self.reducer.all_reduce_sum(sums)
-        S_old = self.tuner.s.sum()
-        h, S_new, ok = tuner.step_(self.tuner, sums, self.hyper, self._beta)
-        self._last = {"h": h, "grad_norm": sums[tuner.G_SQ].sqrt(), "param_norm": sums[tuner.X_SQ].sqrt()}
+        new, h, ok = tuner.update(self.tuner, sums, self.hyper, self._beta)
+        last = {"h": h, "grad_norm": sums[tuner.G_SQ].sqrt(), "param_norm": sums[tuner.X_SQ].sqrt()}
         # skip_nonfinite: the one host sync, by request
         skip_base = self.skip_nonfinite and not bool(ok)
-        self._pending = _Pending(S_old, S_new, ok, diffs, skip_base)
+        return _Pending(rollback, self.tuner.s.sum(), new, ok, diffs, skip_base, last)
 
     def _local_sums(self) -> tuple[Tensor, list[Tensor] | None]:
         buf = self._buf
@@ -241,20 +252,35 @@ class Engine:
         """Everything after the base step: x = x_ref + S_new * (D + u)."""
         self.finish_check()
         pending, self._pending = self._pending, None
-        if pending.S_old is None or pending.skip_base:
+        if pending.S_old is None:
             return
+        self.tuner.copy_(pending.tuner)
+        self._last = pending.last
+        if pending.skip_base:
+            return
+        S_old, S_new, ok = pending.S_old, pending.tuner.s.sum(), pending.ok
         xs = [local(p) for p in self._params]
         refs = [local(self._buf[p][REF]) for p in self._params]
         if self.hyper.store_delta:
             ds = [local(self._buf[p][DELTA]) for p in self._params]
-            self._kernels.rebase(xs, refs, ds, pending.S_old, pending.S_new, pending.ok)
+            self._kernels.rebase(xs, refs, ds, S_old, S_new, ok)
         else:
-            self._kernels.rebase_recompute(xs, refs, pending.diffs, pending.S_old, pending.S_new, pending.ok,
-                                           self.hyper.eps)
+            self._kernels.rebase_recompute(xs, refs, pending.diffs, S_old, S_new, ok, self.hyper.eps)
 
     def cancel(self) -> None:
-        """Forget a prepared step whose base step failed (the tuner has moved; buffers have not)."""
-        self._pending = None
+        """Forget a prepared step whose base step failed: Mechanic is as it was before it."""
+        pending, self._pending = self._pending, None
+        if pending is None or pending.rollback[0] is self._buf:
+            return
+        # the step had created the buffers (a first step): take them back out of the base's state
+        state = self.optimizer.state
+        for p in self._params:
+            if p in state:
+                for k in PARAM_KEYS:
+                    state[p].pop(k, None)
+        self._buf, self._started, _ = pending.rollback
+        self._published_state = None
+        self.publish()
 
     # ------------------------------------------------------------------ what users read
     @property
@@ -296,6 +322,15 @@ class Engine:
         return {"state": {i: dict(self._buf[p]) for i, p, _ in self._entries if p in self._buf},
                 "tuner": self.group_entries()}
 
+    def load_base(self, load: Callable[[], Any]) -> None:
+        """Run the base optimizer's load_state_dict, keeping the groups' "mechanic" flags: torch
+        replaces every group by the saved one, which may come from a run without them."""
+        flags = [g.get("mechanic") for g in self.optimizer.param_groups]
+        load()
+        for group, flag in zip(self.optimizer.param_groups, flags):
+            if flag is not None:
+                group["mechanic"] = flag
+
     def check_state_dict(self, sd: dict[str, Any]) -> None:
         """Raise ValueError if ``sd`` (the form of ``state_dict``) cannot be loaded here."""
         check_state_dict(sd, self.hyper, self._entries)
@@ -303,13 +338,14 @@ class Engine:
     @torch.no_grad()
     def load_state_dict(self, sd: dict[str, Any] | None) -> None:
         """Load a checked state dict; None starts Mechanic afresh from the current parameters."""
+        if sd is not None:
+            self.check_state_dict(sd)  # before anything changes
         self._pending = None
         self._last = {}
         if sd is None:
             self.tuner.copy_(TunerState.fresh(self.hyper, self.dtype, self.device))
             self._buf, self._started = {}, False
         else:
-            self.check_state_dict(sd)
             t = sd["tuner"]
             for k, dst in self.tuner.tensors().items():
                 dst.copy_(t[f"mechanic_{k}"])

@@ -126,13 +126,16 @@ class Mechanized(TunerReadout, torch.optim.Optimizer):
         base_sd, mechanic_sd = strip_mechanic(state_dict)
         if mechanic_sd is not None:
             self._engine.check_state_dict(mechanic_sd)
-        self._base.load_state_dict(base_sd)
+        self._engine.load_base(lambda: self._base.load_state_dict(base_sd))
         self._engine.load_state_dict(mechanic_sd)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        # Like torch.optim.Optimizer: no hooks, and not the step wrapper an LR scheduler put on
+        # this instance (it points back at this object).
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("step", "_opt_called") and not k.startswith("_optimizer_")}
 
     def __repr__(self) -> str:
         h = self._engine.hyper

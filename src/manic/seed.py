@@ -65,7 +65,10 @@ class Updater:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         base, _ = strip_mechanic(state_dict["base_optimizer"])
-        self.base_optimizer.load_state_dict(base)
+        if self._engine is None:
+            self.base_optimizer.load_state_dict(base)
+        else:
+            self._engine.load_base(lambda: self.base_optimizer.load_state_dict(base))
         if self.lr_scheduler is not None and state_dict.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state_dict["lr_scheduler"])
         if self._engine is not None:

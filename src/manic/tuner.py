@@ -86,8 +86,8 @@ def betas(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor([1.0 - 10.0 ** (-i) for i in range(1, n + 1)], dtype=dtype, device=device)
 
 
-def step_(state: TunerState, sums: Tensor, hyper: Hyper, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One tuner update from the reduced global sums, in place; returns (h, new S, ok).
+def update(state: TunerState, sums: Tensor, hyper: Hyper, beta: Tensor) -> tuple[TunerState, Tensor, Tensor]:
+    """One tuner update from the reduced global sums; returns (the new state, h, ok).
 
     ``sums`` holds <g, D>, <x, D>, ||g||^2, ||x||^2, where D is Delta (store_delta=True) or
     x - x_ref (store_delta=False; the division by S + eps of ALGORITHM.md step 1 happens here).
@@ -110,8 +110,7 @@ def step_(state: TunerState, sums: Tensor, hyper: Hyper, beta: Tensor) -> tuple[
     s = (hyper.s_init / hyper.num_betas * m + r.clamp(min=0)) / (v.sqrt() + eps)
 
     ok = torch.isfinite(torch.cat([sums, h.reshape(1), m, v, r, s])).all()
-    for old, new in ((state.m, m), (state.v, v), (state.r, r), (state.s, s)):
-        old.copy_(torch.where(ok, new, old))
-    state.step.add_(ok.to(torch.int64))
-    state.skipped.add_((~ok).to(torch.int64))
-    return h, state.s.sum(), ok
+    keep = lambda new, old: torch.where(ok, new, old)  # noqa: E731
+    new = TunerState(keep(r, state.r), keep(m, state.m), keep(v, state.v), keep(s, state.s),
+                     state.step + ok.to(torch.int64), state.skipped + (~ok).to(torch.int64))
+    return new, h, ok
