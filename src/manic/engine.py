@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import kernels, tuner
 from .reduce import Reducer, check_config, detect
-from .state import DELTA, FORMAT_VERSION, HYPER_KEYS, PARAM_KEYS, REF, check_state_dict
+from .state import DELTA, PARAM_KEYS, REF, check_state_dict, group_entries
 from .tuner import Hyper, TunerState
 
 try:  # DTensor parameters (FSDP2, TP): Mechanic works on the local shard.
@@ -227,30 +227,36 @@ class Engine:
         sums = self._kernels.partial_sums(gs, gds, negate, xs, xds, self.dtype, self.device)
         return sums, diffs
 
-    def run_base_step(self, step: Callable[[], Any]) -> Any:
-        """Run the base optimizer's step with Mechanic's buffers hidden where they would
-        make the base think it had already initialised a parameter's state."""
-        if self._pending is not None and self._pending.skip_base:
-            return None
+    def step_base(self, step: Callable[[], Any]) -> None:
+        """Run the prepared step's base step, then the rebase; if the base step raises, the
+        prepared step is forgotten (``cancel``) and Mechanic stays as it was."""
+        if self._pending is None:
+            raise RuntimeError("The base optimizer is about to step without Mechanic's step before it; "
+                               "call mechanic.step() before updater.step()")
+        if not self._pending.skip_base:
+            try:
+                self._run_base_step(step)
+            except BaseException:
+                self.cancel()
+                raise
+        self.finish()
+
+    def _run_base_step(self, step: Callable[[], Any]) -> None:
+        """Mechanic's buffers are hidden where they would make the base think it had
+        already initialised a parameter's state."""
         self.publish(full=False)
         state = self.optimizer.state
         for p in self._bare:
             for k in PARAM_KEYS:
                 state[p].pop(k, None)
         try:
-            return step()
+            step()
         finally:
             self.publish(full=False)
-
-    def finish_check(self) -> None:
-        if self._pending is None:
-            raise RuntimeError("The base optimizer is about to step without Mechanic's step before it; "
-                               "call mechanic.step() before updater.step()")
 
     @torch.no_grad()
     def finish(self) -> None:
         """Everything after the base step: x = x_ref + S_new * (D + u)."""
-        self.finish_check()
         pending, self._pending = self._pending, None
         if pending.S_old is None:
             return
@@ -293,17 +299,11 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------ publishing
-    def group_entries(self) -> dict[str, Any]:
-        out: dict[str, Any] = {f"mechanic_{k}": t for k, t in self.tuner.tensors().items()}
-        out.update({f"mechanic_{k}": getattr(self.hyper, k) for k in HYPER_KEYS})
-        out["mechanic_version"] = FORMAT_VERSION
-        return out
-
     def publish(self, full: bool = True) -> None:
         """Make the base optimizer's state and first param group carry Mechanic's tensors."""
         group = self.optimizer.param_groups[0]
         if group is not self._published_group or group.get("mechanic_s") is not self.tuner.s:
-            group.update(self.group_entries())
+            group.update(group_entries(self.tuner, self.hyper))
             self._published_group = group
         state = self.optimizer.state
         if state is not self._published_state:
@@ -320,7 +320,7 @@ class Engine:
     def state_dict(self) -> dict[str, Any]:
         """Mechanic's own state: {"state": {index: {mechanic_ref, mechanic_delta}}, "tuner": {mechanic_*}}."""
         return {"state": {i: dict(self._buf[p]) for i, p, _ in self._entries if p in self._buf},
-                "tuner": self.group_entries()}
+                "tuner": group_entries(self.tuner, self.hyper)}
 
     def load_base(self, load: Callable[[], Any]) -> None:
         """Run the base optimizer's load_state_dict, keeping the groups' "mechanic" flags: torch

@@ -68,14 +68,8 @@ class Mechanized(TunerReadout, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        engine = self._engine
-        engine.prepare()
-        try:
-            engine.run_base_step(self._step_base)
-        except BaseException:
-            engine.cancel()
-            raise
-        engine.finish()
+        self._engine.prepare()
+        self._engine.step_base(self._step_base)
         return loss
 
     def _step_base(self) -> None:

@@ -35,17 +35,10 @@ class Updater:
 
     def step(self) -> None:
         """Step the base optimizer (rebased by Mechanic, if attached), then the scheduler."""
-        engine = self._engine
-        if engine is None:
+        if self._engine is None:
             self.base_optimizer.step()
         else:
-            engine.finish_check()
-            try:
-                engine.run_base_step(self.base_optimizer.step)
-            except BaseException:
-                engine.cancel()
-                raise
-            engine.finish()
+            self._engine.step_base(self.base_optimizer.step)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
 

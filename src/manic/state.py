@@ -11,13 +11,21 @@ from typing import Any
 
 from torch import Tensor
 
-from .tuner import Hyper
+from .tuner import Hyper, TunerState
 
 FORMAT_VERSION = 1
 REF, DELTA = "mechanic_ref", "mechanic_delta"
 PARAM_KEYS = (REF, DELTA)
 TUNER_KEYS = ("r", "m", "v", "s", "step", "skipped")
 HYPER_KEYS = ("weight_decay", "eps", "s_init", "num_betas", "store_delta")
+
+
+def group_entries(tuner: TunerState, hyper: Hyper) -> dict[str, Any]:
+    """The ``mechanic_*`` entries of the first param group: tuner tensors, hyperparameters, version."""
+    out: dict[str, Any] = {f"mechanic_{k}": t for k, t in tuner.tensors().items()}
+    out.update({f"mechanic_{k}": getattr(hyper, k) for k in HYPER_KEYS})
+    out["mechanic_version"] = FORMAT_VERSION
+    return out
 
 
 def check_state_dict(sd: dict[str, Any], hyper: Hyper, entries: list[tuple[int, Tensor, bool]]) -> None:
