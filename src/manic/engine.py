@@ -1,15 +1,15 @@
-"""Mechanic's per-step work over the local parameter shards.
+"""Mechanic attached to one base optimizer: a step as a value, committed after the base step.
 
-A step is: local partial sums -> ONE reduce -> tuner update (``prepare``), then the base
-optimizer's step, then the rebase ``x = x_ref + S * Delta`` (``finish``). Both user-facing
-forms (``mechanize`` and the seed ``Mechanic``/``Updater`` pair) drive this class.
+``prepare`` reads the layout (binding late, see layout.py), computes the local partial sums,
+reduces them in ONE collective and runs the tuner update, all into an immutable ``Plan`` and
+without changing anything. The base optimizer then steps; ``commit`` installs the plan and
+rebases ``x = x_ref + S * Delta``. A base step that raises drops the plan: Mechanic is as it
+was, with no undo code. Both user-facing forms (``mechanize`` and the seed pair) drive this.
 
-Where the state lives: the engine owns its tensors. It also *publishes* them into the base
+Where the state lives: the engine owns its tensors and *publishes* them into the base
 optimizer, so that ordinary checkpoint tools see them: per-parameter buffers under
 ``optimizer.state[p]["mechanic_ref" | "mechanic_delta"]``, the tuner's scalars and the
-hyperparameters under ``optimizer.param_groups[0]["mechanic_*"]``. While the base optimizer
-steps, the buffers are hidden from parameters whose base state is otherwise empty, because
-torch optimizers initialise their state lazily when ``len(state[p]) == 0``.
+hyperparameters under ``optimizer.param_groups[0]["mechanic_*"]``.
 """
 
 from __future__ import annotations
@@ -21,19 +21,14 @@ import torch
 from torch import Tensor
 
 from . import kernels, tuner
-from .reduce import Reducer, check_config, detect
-from .state import DELTA, PARAM_KEYS, REF, check_state_dict, group_entries
-from .tuner import Hyper, TunerState
+from .compat import DTensor, foreach_sub, local
+from .layout import Buffers, Layout, bind, carry
+from .options import Options
+from .reduce import check_config
+from .state import DELTA, PARAM_KEYS, REF, check_state_dict, group_entries, hidden
+from .tuner import TunerState
 
-try:  # DTensor parameters (FSDP2, TP): Mechanic works on the local shard.
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = ()  # type: ignore[assignment,misc]
-
-
-def local(t: Tensor) -> Tensor:
-    """The part of ``t`` this rank holds."""
-    return t.to_local() if isinstance(t, DTensor) else t
+_NAN_STATS = ("h", "grad_norm", "param_norm")
 
 
 def delta_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -41,178 +36,145 @@ def delta_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if param_dtype in (torch.bfloat16, torch.float16) else param_dtype
 
 
-def mechanic_params(optimizer: torch.optim.Optimizer) -> list[tuple[int, Tensor, bool]]:
-    """(state-dict index, parameter, maximize) of every parameter under Mechanic."""
-    out, index = [], 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if group.get("mechanic", True):
-                out.append((index, p, bool(group.get("maximize", False))))
-            index += 1
-    return out
+@dataclass(frozen=True)
+class Update:
+    """The tuner's part of a step."""
+
+    tuner: TunerState  # after the step
+    S_old: Tensor
+    ok: Tensor  # the sums were finite (0-dim bool, on the device)
+    diffs: list[Tensor] | None  # x_t - x_ref (store_delta=False only)
+    skip_base: bool  # skip_nonfinite and the sums were not finite
+    last: dict[str, Tensor]  # statistics for stats()
 
 
-@dataclass
-class _Pending:
-    """A prepared step: applied by ``finish``, or forgotten by ``cancel`` as if never taken."""
+@dataclass(frozen=True)
+class Plan:
+    """A prepared step: what ``commit`` installs. Dropping it is the cancel."""
 
-    rollback: tuple  # (buffers, started, published state) before the step
-    S_old: Tensor | None = None  # None: an idle step (see Engine.prepare)
-    tuner: TunerState | None = None  # the tuner after the step, committed by finish
-    ok: Tensor | None = None  # the sums were finite (0-dim bool, on the device)
-    diffs: list[Tensor] | None = None  # x_t - x_ref (store_delta=False only)
-    skip_base: bool = False  # skip_nonfinite and the sums were not finite
-    last: dict[str, Tensor] | None = None  # statistics for stats()
+    layout: Layout
+    buffers: dict[int, Buffers]
+    started: bool
+    tuner: TunerState  # the state the update started from (moved to the layout's dtype and device)
+    update: Update | None  # None: an idle step (lr = 0 before Mechanic started)
 
 
 class Engine:
     """The Mechanic tuner attached to one base optimizer."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, hyper: Hyper, *, reducer: Reducer | None = None,
-                 process_group: Any = None, device_mesh: Any = None, skip_nonfinite: bool = False,
-                 compile: bool = False, fp32_reference: bool = False):
+    def __init__(self, optimizer: torch.optim.Optimizer, options: Options):
         _check_optimizer(optimizer)
-        if reducer is not None:
-            if not callable(getattr(reducer, "all_reduce_sum", None)):
-                raise TypeError(f"Invalid reducer: {reducer!r}; pass an object with all_reduce_sum(tensor) -> tensor")
-            if process_group is not None or device_mesh is not None:
-                raise ValueError("Pass one of reducer=, process_group= and device_mesh=")
-        for name, flag in (("skip_nonfinite", skip_nonfinite), ("compile", compile),
-                           ("fp32_reference", fp32_reference)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"Invalid {name}: {flag!r}; pass True or False")
-        self._kernels = kernels.compiled() if compile else kernels.EAGER
         self.optimizer = optimizer
-        self.hyper = hyper
-        self.skip_nonfinite = skip_nonfinite
-        self.fp32_reference = fp32_reference
-        self._reduce_args = (reducer, process_group, device_mesh)
-        self._index_params()
-        check_config({"weight_decay": hyper.weight_decay, "eps": hyper.eps, "s_init": hyper.s_init,
-                      "num_betas": hyper.num_betas, "store_delta": hyper.store_delta,
-                      "reducer": type(self.reducer).__name__,
-                      # pipeline stages (an explicit group) hold different parameters
-                      "num_params": len(self._params) if process_group is None and reducer is None else None},
-                     group=process_group)
-        first = self._params[0]
-        self.dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
-        self.device = local(first).device
-        self.tuner = TunerState.fresh(hyper, self.dtype, self.device)
-        self._beta = tuner.betas(hyper.num_betas, self.dtype, self.device)
-        self._buf: dict[Tensor, dict[str, Tensor]] = {}
-        self._started = False
-        self._pending: _Pending | None = None
-        self._last: dict[str, Tensor] = {}
-        self._published_state: Any = None
-        self._published_group: Any = None
-        self._bare: list[Tensor] = []
+        self.options = options
+        self.hyper = options.hyper
+        self._kernels = kernels.compiled() if options.compile else kernels.EAGER
+        self.layout: Layout | None = None
+        self.buffers: dict[int, Buffers] = {}
+        self.started = False
+        self._checked = False  # the cross-rank configuration check ran
+        dtype, device = _provisional(optimizer)
+        self.tuner = TunerState.fresh(self.hyper, dtype, device)
+        self._plan: Plan | None = None
+        self._last = _nan_stats(dtype, device)
+        self._published: tuple = ()
         optimizer._manic_engine = self  # type: ignore[attr-defined]
         self.publish()
 
-    # ------------------------------------------------------------------ parameters
-    def _index_params(self) -> None:
-        entries = mechanic_params(self.optimizer)
-        if not entries:
-            raise ValueError("The optimizer has no parameters under Mechanic; pass an optimizer with parameters "
-                             "(a param group with 'mechanic': False takes no part)")
-        devices = {local(p).device for _, p, _ in entries}
-        if len(devices) > 1:
-            raise ValueError(f"Parameters under Mechanic live on several devices {sorted(map(str, devices))}; "
-                             "Mechanic needs them on one device (use one optimizer per device)")
-        for i, p, _ in entries:
-            if p.is_complex():
-                raise TypeError(f"Parameter {i} is complex ({p.dtype}); Mechanic supports real floating-point "
-                                "parameters only (view it as real with torch.view_as_real)")
-            if not p.is_floating_point():
-                raise TypeError(f"Parameter {i} has dtype {p.dtype}; Mechanic needs floating-point parameters")
-        self._entries = entries
-        self._params = [p for _, p, _ in entries]
-        self._num_params = sum(len(g["params"]) for g in self.optimizer.param_groups)
-        reducer, process_group, device_mesh = self._reduce_args
-        if reducer is not None:
-            self.reducer, counted = reducer, [True] * len(self._params)
-        else:
-            self.reducer, counted = detect(self._params, process_group, device_mesh)
-        # this rank adds these to the sums (a replicated parameter counts once), and negates
-        # the gradient of those whose base optimizer maximizes
-        self._counted = [(p, negate) for (_, p, negate), c in zip(entries, counted) if c]
+    # ------------------------------------------------------------------ the layout
+    @property
+    def params(self) -> list[Tensor]:
+        """The tensors under Mechanic (empty until it binds at the first step or load)."""
+        return self.layout.params if self.layout is not None else []
 
-    def params_added(self) -> None:
-        """Bring parameters added by ``add_param_group`` under Mechanic."""
-        old = set(self._buf)
-        self._index_params()
-        if self._started:
-            with torch.no_grad():
-                for p in self._params:
-                    if p not in old:
-                        self._buf[p] = self._new_buffers(p)
-        self.publish(full=True)
+    @property
+    def reducer(self) -> Any:
+        return self.layout.reducer if self.layout is not None else None
 
-    def _check_unchanged(self) -> None:
-        n = sum(len(g["params"]) for g in self.optimizer.param_groups)
-        if n != self._num_params:
-            raise RuntimeError(f"The base optimizer now has {n} parameters, {self._num_params} when Mechanic was "
-                               "attached; add parameter groups through the mechanized optimizer's add_param_group")
+    def _bound(self) -> tuple[Layout, dict[int, Buffers]]:
+        """The layout of the optimizer as it is now, and the buffers carried over to it (pure)."""
+        if self.layout is not None and self.layout.matches(self.optimizer):
+            return self.layout, self.buffers
+        o = self.options
+        layout = bind(self.optimizer, o.reducer, o.process_group, o.device_mesh)
+        if self.layout is None or not self.started:
+            return layout, {}  # buffers before the start are made afresh at the start
+        return layout, carry(self.layout, layout, self.buffers, self._new_buffers if self.started else None)
 
-    # ------------------------------------------------------------------ the step
-    def _all_lr_zero(self) -> bool:
-        lrs = [g.get("lr") for g in self.optimizer.param_groups if g.get("mechanic", True)]
-        return all(isinstance(lr, (int, float)) and lr == 0 for lr in lrs)
+    def sync(self) -> None:
+        """Follow a change of the param groups now (outside a step) if Mechanic holds state."""
+        if self.buffers and self._plan is None:
+            layout, buffers = self._bound()
+            self._install(layout, buffers, self.tuner)
 
     def _ref_dtype(self, p: Tensor) -> torch.dtype:
-        return delta_dtype(p.dtype) if self.fp32_reference else p.dtype
+        return delta_dtype(p.dtype) if self.options.fp32_reference else p.dtype
 
-    def _new_buffers(self, p: Tensor) -> dict[str, Tensor]:
-        buf = {REF: p.detach().to(self._ref_dtype(p), copy=True)}
-        if self.hyper.store_delta:
-            buf[DELTA] = torch.zeros_like(p, dtype=delta_dtype(p.dtype))
+    def _new_buffers(self, p: Tensor) -> Buffers:
+        with torch.no_grad():
+            buf = {REF: p.detach().to(self._ref_dtype(p), copy=True)}
+            if self.hyper.store_delta:
+                buf[DELTA] = torch.zeros_like(p, dtype=delta_dtype(p.dtype))
         return buf
 
+    # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def prepare(self) -> None:
-        """Everything before the base step: partial sums, the one reduce, the tuner update.
-        Nothing is committed until ``finish``: a step that fails leaves Mechanic as it was."""
-        if self._pending is not None:
+        """Everything before the base step; nothing changes until ``commit``."""
+        if self._plan is not None:
             raise RuntimeError("Mechanic's step was called twice without the base optimizer stepping in between; "
                                "call updater.step() after each mechanic.step()")
-        self._check_unchanged()
-        rollback = (self._buf, self._started, self._published_state)
-        try:
-            self._pending = self._prepare(rollback)
-        except BaseException:
-            self._buf, self._started, self._published_state = rollback
-            raise
+        self._plan = self._make_plan()
 
-    def _prepare(self, rollback: tuple) -> _Pending:
-        if not self._started:
+    def _make_plan(self) -> Plan:
+        layout, buffers = self._bound()
+        if not self._checked:
+            o, h = self.options, self.hyper
+            check_config({"weight_decay": h.weight_decay, "eps": h.eps, "s_init": h.s_init,
+                          "num_betas": h.num_betas, "store_delta": h.store_delta,
+                          "reducer": type(layout.reducer).__name__,
+                          # pipeline stages (an explicit group) hold different parameters
+                          "num_params": len(layout.slots) if o.process_group is None and o.reducer is None else None},
+                         group=o.process_group)
+            self._checked = True
+        state = self.tuner.to(layout.dtype, layout.device)
+        started = self.started
+        if not started:
             # Mechanic starts at the first step with a non-zero learning rate. Before it, the
             # base update is zero, so starting later leaves the trajectory as it is; and
             # torch's lazy state initialisation (a step at lr=0 with zero gradients, used by
             # torch.distributed.checkpoint) then creates the buffers but moves nothing.
-            self._buf = {p: self._new_buffers(p) for p in self._params}
-            self._published_state = None
+            buffers = {s.index: self._new_buffers(s.param) for s in layout.slots}
             if self._all_lr_zero():
-                return _Pending(rollback)
-            self._started = True
-        sums, diffs = self._local_sums()
-        sums = self.reducer.all_reduce_sum(sums)
-        new, h, ok = tuner.update(self.tuner, sums, self.hyper, self._beta)
+                return Plan(layout, buffers, False, state, None)
+            started = True
+        sums, diffs = self._local_sums(layout, buffers)
+        sums = layout.reducer.all_reduce_sum(sums)
+        new, h, ok = tuner.update(state, sums, self.hyper, tuner.betas(self.hyper.num_betas, layout.dtype,
+                                                                       layout.device))
         last = {"h": h, "grad_norm": sums[tuner.G_SQ].sqrt(), "param_norm": sums[tuner.X_SQ].sqrt()}
-        # skip_nonfinite: the one host sync, by request
-        skip_base = self.skip_nonfinite and not bool(ok)
-        return _Pending(rollback, self.tuner.s.sum(), new, ok, diffs, skip_base, last)
+        skip_base = self.options.skip_nonfinite and not bool(ok)  # the one host sync, by request
+        return Plan(layout, buffers, started, state, Update(new, state.s.sum(), ok, diffs, skip_base, last))
 
-    def _local_sums(self) -> tuple[Tensor, list[Tensor] | None]:
-        buf = self._buf
+    def _all_lr_zero(self) -> bool:
+        lrs = [g.get("lr") for g in self.optimizer.param_groups if g.get("mechanic", True)]
+        return all(isinstance(lr, (int, float)) and lr == 0 for lr in lrs)
+
+    def _local_sums(self, layout: Layout, buffers: dict[int, Buffers]) -> tuple[Tensor, list[Tensor] | None]:
+        slots = layout.slots
         if self.hyper.store_delta:
-            direction = {p: local(buf[p][DELTA]) for p, _ in self._counted}
+            direction = {s.index: local(buffers[s.index][DELTA]) for s in slots if s.counted}
             diffs = None
         else:
-            xs = [local(p) for p in self._params]
-            diffs = torch._foreach_sub(xs, [local(buf[p][REF]) for p in self._params])
-            direction = dict(zip(self._params, diffs))
-        gs, gds, negate = [], [], []
-        for p, neg in self._counted:
+            xs = [local(s.ref()) for s in slots]  # type: ignore[arg-type]
+            diffs = foreach_sub(xs, [local(buffers[s.index][REF]) for s in slots])
+            direction = {s.index: d for s, d in zip(slots, diffs)}
+        gs, gds, negate, xs, xds = [], [], [], [], []
+        for s in slots:
+            if not s.counted:
+                continue
+            p = s.ref()
+            xs.append(local(p))
+            xds.append(direction[s.index])
             g = p.grad
             if g is None:
                 continue
@@ -220,72 +182,51 @@ class Engine:
                 raise RuntimeError("Mechanic does not support sparse gradients; use a dense gradient "
                                    "(e.g. nn.Embedding(sparse=False))")
             gs.append(local(g))
-            gds.append(direction[p])
-            negate.append(neg)
-        xs = [local(p) for p, _ in self._counted]
-        xds = [direction[p] for p, _ in self._counted]
-        sums = self._kernels.partial_sums(gs, gds, negate, xs, xds, self.dtype, self.device)
+            gds.append(direction[s.index])
+            negate.append(s.negate)
+        sums = self._kernels.partial_sums(gs, gds, negate, xs, xds, layout.dtype, layout.device)
         return sums, diffs
 
     def step_base(self, step: Callable[[], Any]) -> None:
-        """Run the prepared step's base step, then the rebase; if the base step raises, the
-        prepared step is forgotten (``cancel``) and Mechanic stays as it was."""
-        if self._pending is None:
+        """Run the base step of the prepared plan, then commit it; if the base step raises,
+        the plan is dropped and Mechanic stays as it was."""
+        plan, self._plan = self._plan, None
+        if plan is None:
             raise RuntimeError("The base optimizer is about to step without Mechanic's step before it; "
                                "call mechanic.step() before updater.step()")
-        if not self._pending.skip_base:
-            try:
-                self._run_base_step(step)
-            except BaseException:
-                self.cancel()
-                raise
-        self.finish()
-
-    def _run_base_step(self, step: Callable[[], Any]) -> None:
-        """Mechanic's buffers are hidden where they would make the base think it had
-        already initialised a parameter's state."""
-        self.publish(full=False)
-        state = self.optimizer.state
-        for p in self._bare:
-            for k in PARAM_KEYS:
-                state[p].pop(k, None)
-        try:
-            step()
-        finally:
-            self.publish(full=False)
-
-    @torch.no_grad()
-    def finish(self) -> None:
-        """Everything after the base step: x = x_ref + S_new * (D + u)."""
-        pending, self._pending = self._pending, None
-        if pending.S_old is None:
-            return
-        self.tuner.copy_(pending.tuner)
-        self._last = pending.last
-        if pending.skip_base:
-            return
-        S_old, S_new, ok = pending.S_old, pending.tuner.s.sum(), pending.ok
-        xs = [local(p) for p in self._params]
-        refs = [local(self._buf[p][REF]) for p in self._params]
-        if self.hyper.store_delta:
-            ds = [local(self._buf[p][DELTA]) for p in self._params]
-            self._kernels.rebase(xs, refs, ds, S_old, S_new, ok)
-        else:
-            self._kernels.rebase_recompute(xs, refs, pending.diffs, S_old, S_new, ok, self.hyper.eps)
+        if plan.update is None or not plan.update.skip_base:
+            with hidden(self.optimizer, plan.layout.params):
+                step()
+        self._commit(plan)
 
     def cancel(self) -> None:
-        """Forget a prepared step whose base step failed: Mechanic is as it was before it."""
-        pending, self._pending = self._pending, None
-        if pending is None or pending.rollback[0] is self._buf:
+        """Forget a prepared step."""
+        self._plan = None
+
+    @torch.no_grad()
+    def _commit(self, plan: Plan) -> None:
+        self.started = plan.started
+        self._install(plan.layout, plan.buffers, plan.tuner)
+        u = plan.update
+        if u is None:
             return
-        # the step had created the buffers (a first step): take them back out of the base's state
-        state = self.optimizer.state
-        for p in self._params:
-            if p in state:
-                for k in PARAM_KEYS:
-                    state[p].pop(k, None)
-        self._buf, self._started, _ = pending.rollback
-        self._published_state = None
+        self.tuner.copy_(u.tuner)
+        self._last = u.last
+        if u.skip_base:
+            return
+        S_new = u.tuner.s.sum()
+        xs = [local(p) for p in plan.layout.params]
+        refs = [local(plan.buffers[s.index][REF]) for s in plan.layout.slots]
+        if self.hyper.store_delta:
+            ds = [local(plan.buffers[s.index][DELTA]) for s in plan.layout.slots]
+            self._kernels.rebase(xs, refs, ds, u.S_old, S_new, u.ok)
+        else:
+            self._kernels.rebase_recompute(xs, refs, u.diffs, u.S_old, S_new, u.ok, self.hyper.eps)
+
+    def _install(self, layout: Layout, buffers: dict[int, Buffers], state: TunerState) -> None:
+        self.layout, self.buffers = layout, buffers
+        if state is not self.tuner:
+            self.tuner = state
         self.publish()
 
     # ------------------------------------------------------------------ what users read
@@ -299,28 +240,39 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------ publishing
-    def publish(self, full: bool = True) -> None:
-        """Make the base optimizer's state and first param group carry Mechanic's tensors."""
-        group = self.optimizer.param_groups[0]
-        if group is not self._published_group or group.get("mechanic_s") is not self.tuner.s:
+    def publish(self) -> None:
+        """Make the base optimizer's state and first param group carry Mechanic's tensors
+        (a no-op when nothing changed since the last call)."""
+        group, state = self.optimizer.param_groups[0], self.optimizer.state
+        if group.get("mechanic_s") is not self.tuner.s:
             group.update(group_entries(self.tuner, self.hyper))
-            self._published_group = group
-        state = self.optimizer.state
-        if state is not self._published_state:
-            full, self._published_state = True, state
-        if not self._buf:
-            self._bare = []
+        key = (state, self.layout, self.buffers)
+        if len(self._published) == 3 and all(a is b for a, b in zip(key, self._published)):
             return
-        for p in self._params if full else self._bare:
-            state[p].update(self._buf[p])
-        candidates = self._params if full else self._bare
-        self._bare = [p for p in candidates if len(state[p]) == len(self._buf[p])]
+        before, self._published = self._published, key
+        now = {}
+        if self.layout is not None:
+            for s in self.layout.slots:
+                if s.index in self.buffers:
+                    p = s.ref()
+                    state[p].update(self.buffers[s.index])
+                    now[id(p)] = p
+        if before and before[1] is not None:
+            for s in before[1].slots:  # parameters that left: their entries lose Mechanic's buffers
+                p = s.ref()
+                if p is None or id(p) in now or p not in state:
+                    continue
+                entry = state[p]
+                for k in PARAM_KEYS:
+                    entry.pop(k, None)
+                if not entry:
+                    del state[p]
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Mechanic's own state: {"state": {index: {mechanic_ref, mechanic_delta}}, "tuner": {mechanic_*}}."""
-        return {"state": {i: dict(self._buf[p]) for i, p, _ in self._entries if p in self._buf},
-                "tuner": group_entries(self.tuner, self.hyper)}
+        self.sync()
+        return {"state": {i: dict(b) for i, b in self.buffers.items()}, "tuner": group_entries(self.tuner, self.hyper)}
 
     def load_base(self, load: Callable[[], Any]) -> None:
         """Run the base optimizer's load_state_dict, keeping the groups' "mechanic" flags: torch
@@ -331,36 +283,38 @@ class Engine:
             if flag is not None:
                 group["mechanic"] = flag
 
-    def check_state_dict(self, sd: dict[str, Any]) -> None:
-        """Raise ValueError if ``sd`` (the form of ``state_dict``) cannot be loaded here."""
-        check_state_dict(sd, self.hyper, self._entries)
+    def check_state_dict(self, sd: dict[str, Any]) -> Layout:
+        """Raise ValueError if ``sd`` (the form of ``state_dict``) cannot be loaded here; return
+        the layout it would be loaded into."""
+        o = self.options
+        layout = bind(self.optimizer, o.reducer, o.process_group, o.device_mesh)
+        check_state_dict(sd, self.hyper, [(s.index, s.ref()) for s in layout.slots], len(layout.seen))
+        return layout
 
     @torch.no_grad()
-    def load_state_dict(self, sd: dict[str, Any] | None) -> None:
+    def load_state_dict(self, sd: dict[str, Any] | None, layout: Layout | None = None) -> None:
         """Load a checked state dict; None starts Mechanic afresh from the current parameters."""
-        if sd is not None:
-            self.check_state_dict(sd)  # before anything changes
-        self._pending = None
-        self._last = {}
+        if sd is not None and layout is None:
+            layout = self.check_state_dict(sd)  # before anything changes
+        self._plan = None
         if sd is None:
-            self.tuner.copy_(TunerState.fresh(self.hyper, self.dtype, self.device))
-            self._buf, self._started = {}, False
-        else:
-            t = sd["tuner"]
-            for k, dst in self.tuner.tensors().items():
-                dst.copy_(t[f"mechanic_{k}"])
-            state = sd.get("state", {})
-            buf = {}
-            self._started = int(self.tuner.step) > 0
-            for i, p, _ in self._entries:
-                entry = state.get(i)
-                if entry and REF in entry:
-                    buf[p] = {k: self._placed(p, k, entry[k]) for k in PARAM_KEYS if k in entry}
-                elif self._started:  # an empty local shard (see check_state_dict)
-                    buf[p] = self._new_buffers(p)
-            self._buf = buf
-        self._published_state = None
-        self.publish()
+            self.started = False
+            self._last = _nan_stats(self.tuner.s.dtype, self.tuner.s.device)
+            self._install(self.layout, {}, TunerState.fresh(self.hyper, self.tuner.s.dtype, self.tuner.s.device))
+            return
+        assert layout is not None
+        state = TunerState.of({k[len("mechanic_"):]: v for k, v in sd["tuner"].items()}, layout.dtype, layout.device)
+        self.started = int(state.step) > 0
+        saved = sd.get("state", {})
+        buffers = {}
+        for s in layout.slots:
+            entry, p = saved.get(s.index), s.ref()
+            if entry and REF in entry:
+                buffers[s.index] = {k: self._placed(p, k, entry[k]) for k in PARAM_KEYS if k in entry}
+            elif self.started:  # an empty local shard (see check_state_dict)
+                buffers[s.index] = self._new_buffers(p)
+        self._last = _nan_stats(layout.dtype, layout.device)
+        self._install(layout, buffers, state)
 
     def _placed(self, p: Tensor, key: str, value: Tensor) -> Tensor:
         dtype = self._ref_dtype(p) if key == REF else delta_dtype(p.dtype)
@@ -376,8 +330,12 @@ class TunerReadout:
     _engine: Engine
 
     @property
-    def hyper(self) -> Hyper:
+    def hyper(self) -> Any:
         return self._engine.hyper
+
+    @property
+    def options(self) -> Options:
+        return self._engine.options
 
     @property
     def scale(self) -> Tensor:
@@ -385,8 +343,20 @@ class TunerReadout:
         return self._engine.scale
 
     def stats(self) -> dict[str, Tensor]:
-        """Tuner statistics for logging (0-dim tensors; reading them syncs, the step does not)."""
+        """Tuner statistics for logging (0-dim tensors; reading them syncs, the step does not).
+        ``h``, ``grad_norm`` and ``param_norm`` are NaN until the first step."""
         return self._engine.stats()
+
+
+def _nan_stats(dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    return {k: torch.full((), float("nan"), dtype=dtype, device=device) for k in _NAN_STATS}
+
+
+def _provisional(optimizer: torch.optim.Optimizer) -> tuple[torch.dtype, torch.device]:
+    """The tuner's dtype and device until Mechanic binds (it moves them then if they differ)."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.is_floating_point()]
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    return dtype, (local(params[0]).device if params else torch.device("cpu"))
 
 
 def _check_optimizer(optimizer: Any) -> None:

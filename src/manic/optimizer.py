@@ -6,10 +6,10 @@ from typing import Any, Callable
 
 import torch
 
+from .compat import disable_dynamo, init_optimizer_hooks, step_with_own_hooks
 from .engine import Engine, TunerReadout
+from .options import Options, with_options_signature
 from .state import strip_mechanic
-from .reduce import Reducer
-from .tuner import Hyper
 
 
 class Mechanized(TunerReadout, torch.optim.Optimizer):
@@ -22,17 +22,15 @@ class Mechanized(TunerReadout, torch.optim.Optimizer):
     # GradScaler must unscale the gradients before step(): Mechanic's sums need them unscaled.
     _step_supports_amp_scaling = False
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, weight_decay: float = 1e-2, eps: float = 1e-8,
-                 s_init: float = 1e-6, num_betas: int = 6, store_delta: bool = True,
-                 reducer: Reducer | None = None, process_group: Any = None, device_mesh: Any = None,
-                 skip_nonfinite: bool = False, compile: bool = False, fp32_reference: bool = False) -> None:
-        hyper = Hyper(weight_decay=weight_decay, eps=eps, s_init=s_init, num_betas=num_betas, store_delta=store_delta)
+    def __init__(self, optimizer: torch.optim.Optimizer, options: Options | None = None, **kwargs: Any) -> None:
+        if options is None:
+            options = Options.from_kwargs("mechanize", kwargs)
+        elif kwargs:
+            raise TypeError("Pass Mechanic's options as options= or as keywords, not both")
         self._base = optimizer
-        self._engine = Engine(optimizer, hyper, reducer=reducer, process_group=process_group, device_mesh=device_mesh,
-                              skip_nonfinite=skip_nonfinite, compile=compile, fp32_reference=fp32_reference)
-        # The hook registries and step profiling that torch.optim.Optimizer.__init__ sets up;
-        # parameters, state and defaults stay the base optimizer's.
-        super().__setstate__({})
+        self._engine = Engine(optimizer, options)
+        # parameters, state and defaults stay the base optimizer's
+        init_optimizer_hooks(self)
 
     # The base optimizer replaces these objects when it loads a state dict: always read through.
     @property
@@ -73,20 +71,8 @@ class Mechanized(TunerReadout, torch.optim.Optimizer):
         return loss
 
     def _step_base(self) -> None:
-        base = self._base
-        step = type(base).step
-        inner = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
-        if inner is None:
-            base.step()
-            return
-        # torch wraps every Optimizer.step to run the global step hooks and the instance's
-        # own; the global ones already ran for this optimizer, so run only the base's.
-        for hook in base._optimizer_step_pre_hooks.values():
-            hook(base, (), {})
-        inner(base)
-        for hook in base._optimizer_step_post_hooks.values():
-            hook(base, (), {})
-        base._opt_called = True  # type: ignore[attr-defined]  # for an LR scheduler built on the base
+        # the global step hooks already ran for this optimizer: run only the base's own
+        step_with_own_hooks(self._base)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._base.zero_grad(set_to_none=set_to_none)
@@ -95,13 +81,14 @@ class Mechanized(TunerReadout, torch.optim.Optimizer):
         """Add a group to the base optimizer; its parameters come under Mechanic (unless
         the group says ``"mechanic": False``) with their current values as reference."""
         self._base.add_param_group(param_group)
-        self._engine.params_added()
+        self._engine.sync()
 
-    @torch._disable_dynamo
+    @disable_dynamo
     def state_dict(self) -> dict[str, Any]:
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        self._engine.publish(full=False)
+        self._engine.sync()
+        self._engine.publish()
         state_dict = self._base.state_dict()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
@@ -109,7 +96,7 @@ class Mechanized(TunerReadout, torch.optim.Optimizer):
                 state_dict = result
         return state_dict
 
-    @torch._disable_dynamo
+    @disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this form, or a plain base-optimizer one (Mechanic then
         starts afresh from the loaded point). Nothing changes if the state does not fit."""
@@ -118,10 +105,9 @@ class Mechanized(TunerReadout, torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         base_sd, mechanic_sd = strip_mechanic(state_dict)
-        if mechanic_sd is not None:
-            self._engine.check_state_dict(mechanic_sd)
+        layout = self._engine.check_state_dict(mechanic_sd) if mechanic_sd is not None else None
         self._engine.load_base(lambda: self._base.load_state_dict(base_sd))
-        self._engine.load_state_dict(mechanic_sd)
+        self._engine.load_state_dict(mechanic_sd, layout)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -133,20 +119,19 @@ class Mechanized(TunerReadout, torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         h = self._engine.hyper
+        reducer = repr(self._engine.reducer) if self._engine.layout is not None else "(chosen at the first step)"
         base = "\n".join("    " + line for line in repr(self._base).splitlines()).lstrip()
         return (f"Mechanized(\n    {base},\n    weight_decay={h.weight_decay}, eps={h.eps}, s_init={h.s_init}, "
-                f"num_betas={h.num_betas}, store_delta={h.store_delta},\n    reducer={self._engine.reducer!r}\n)")
+                f"num_betas={h.num_betas}, store_delta={h.store_delta},\n    reducer={reducer}\n)")
 
 
-def mechanize(optimizer: torch.optim.Optimizer, *, weight_decay: float = 1e-2, eps: float = 1e-8,
-              s_init: float = 1e-6, num_betas: int = 6, store_delta: bool = True,
-              reducer: Reducer | None = None, process_group: Any = None, device_mesh: Any = None,
-              skip_nonfinite: bool = False, compile: bool = False, fp32_reference: bool = False) -> Mechanized:
+@with_options_signature
+def mechanize(optimizer: torch.optim.Optimizer, **options: Any) -> Mechanized:
     """Wrap ``optimizer`` so that Mechanic tunes the scale of its updates.
 
-    Returns a ``torch.optim.Optimizer``; use it wherever the base optimizer was used.
+    Returns a ``torch.optim.Optimizer``; use it wherever the base optimizer was used. The
+    keywords are the fields of ``manic.Options`` (README: Hyperparameters and options).
+    Mechanic reads which parameters it works on from ``optimizer.param_groups`` at its first
+    step, so frameworks may replace them until then.
     """
-    return Mechanized(optimizer, weight_decay=weight_decay, eps=eps, s_init=s_init, num_betas=num_betas,
-                      store_delta=store_delta, reducer=reducer, process_group=process_group,
-                      device_mesh=device_mesh, skip_nonfinite=skip_nonfinite,
-                      compile=compile, fp32_reference=fp32_reference)
+    return Mechanized(optimizer, Options.from_kwargs("mechanize", options))

@@ -17,6 +17,8 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch.distributed as dist
 from torch import Tensor
 
+from .compat import DTensor, is_fsdp1_flat, is_strided_shard, root_mesh
+
 
 @runtime_checkable
 class Reducer(Protocol):
@@ -53,27 +55,13 @@ class ProcessGroupReducer:
 
 
 # --------------------------------------------------------------------------- detection
-def is_fsdp1_flat(p: Tensor) -> bool:
-    """True for FSDP1's flat parameters and, with use_orig_params=True, for the original
-    parameters viewing them: FSDP1 marks both with this private flag (torch >= 2.0)."""
-    return bool(getattr(p, "_fsdp_flattened", False))
-
-
-def _dtensor_type() -> Any:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return ()
-    return DTensor
-
-
 def _sharded_dims(p: Any) -> set[int]:
     """Dims of ``p.device_mesh`` over which ``p`` is sharded."""
     from torch.distributed.tensor import Replicate, Shard
 
     dims = set()
     for d, placement in enumerate(p.placements):
-        if isinstance(placement, Shard) or type(placement).__name__ == "_StridedShard":
+        if isinstance(placement, Shard) or is_strided_shard(placement):
             dims.add(d)
         elif not isinstance(placement, Replicate):
             raise ValueError(f"Parameter placement {placement} on mesh dim {d} is not supported "
@@ -107,15 +95,13 @@ def detect(params: Sequence[Tensor], process_group: Any = None, device_mesh: Any
     """(reducer, whether this rank adds each parameter to the sums)."""
     if process_group is not None and device_mesh is not None:
         raise ValueError("Pass process_group= or device_mesh=, not both")
-    DTensor = _dtensor_type()
     dtensors = [p for p in params if isinstance(p, DTensor)]
     if device_mesh is not None or dtensors:
         # Work on the root mesh: FSDP2 + TP puts some parameters on a (dp, tp) mesh and
         # others on its dp slice, which are replicated over tp.
         root = device_mesh
         if root is None:
-            root = dtensors[0].device_mesh
-            root = root._get_root_mesh() if hasattr(root, "_get_root_mesh") else root
+            root = root_mesh(dtensors[0].device_mesh)
         sharded = {}
         for p in dtensors:
             in_root = _in_root(p.device_mesh, root)

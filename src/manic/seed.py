@@ -12,9 +12,8 @@ from typing import Any
 import torch
 
 from .engine import Engine, TunerReadout
+from .options import Options, with_options_signature
 from .state import strip_mechanic
-from .reduce import Reducer
-from .tuner import Hyper
 
 
 class Updater:
@@ -74,18 +73,13 @@ class Mechanic(TunerReadout):
     Call ``mechanic.step()`` after ``loss.backward()`` and before ``updater.step()``.
     """
 
-    def __init__(self, updater: Updater, *, weight_decay: float = 1e-2, eps: float = 1e-8, s_init: float = 1e-6,
-                 num_betas: int = 6, store_delta: bool = True, reducer: Reducer | None = None,
-                 process_group: Any = None, device_mesh: Any = None, skip_nonfinite: bool = False,
-                 compile: bool = False, fp32_reference: bool = False) -> None:
+    @with_options_signature
+    def __init__(self, updater: Updater, **options: Any) -> None:
         if not isinstance(updater, Updater):
             raise TypeError(f"Mechanic takes a manic.Updater, got {type(updater).__name__}; "
                             "build Updater(optimizer, lr_scheduler) first (or use manic.mechanize(optimizer))")
-        hyper = Hyper(weight_decay=weight_decay, eps=eps, s_init=s_init, num_betas=num_betas, store_delta=store_delta)
         self.updater = updater
-        self._engine = Engine(updater.base_optimizer, hyper, reducer=reducer, process_group=process_group,
-                              device_mesh=device_mesh, skip_nonfinite=skip_nonfinite, compile=compile,
-                              fp32_reference=fp32_reference)
+        self._engine = Engine(updater.base_optimizer, Options.from_kwargs("Mechanic", options))
         updater._engine = self._engine
 
     @property

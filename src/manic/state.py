@@ -7,8 +7,10 @@ Per parameter: ``mechanic_ref`` (and ``mechanic_delta`` with store_delta=True) i
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
+import torch
 from torch import Tensor
 
 from .tuner import Hyper, TunerState
@@ -28,9 +30,31 @@ def group_entries(tuner: TunerState, hyper: Hyper) -> dict[str, Any]:
     return out
 
 
-def check_state_dict(sd: dict[str, Any], hyper: Hyper, entries: list[tuple[int, Tensor, bool]]) -> None:
+@contextmanager
+def hidden(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> Iterator[None]:
+    """While the block runs (the base optimizer's step), a parameter whose state holds only
+    Mechanic's buffers has an empty state: torch optimizers initialise a parameter's state
+    lazily, when ``len(state[p]) == 0``. The buffers are back afterwards, whatever happens."""
+    state = optimizer.state
+    saved = []
+    for p in params:
+        entry = state.get(p)
+        if entry and all(k in PARAM_KEYS for k in entry):
+            saved.append((p, dict(entry)))
+            entry.clear()
+    try:
+        yield
+    finally:
+        state = optimizer.state
+        for p, mine in saved:
+            state[p].update(mine)
+
+
+def check_state_dict(sd: dict[str, Any], hyper: Hyper, entries: list[tuple[int, Tensor]], positions: int) -> None:
     """Raise ValueError if ``sd`` (the form of ``Engine.state_dict``) cannot be loaded into
-    parameters ``entries`` (index, parameter, maximize) under ``hyper``."""
+    parameters ``entries`` (index, parameter) of an optimizer with ``positions`` parameters
+    under ``hyper``. Buffers saved for a parameter that is not under Mechanic here (frozen,
+    or in a group with ``"mechanic": False``) are ignored."""
     t = sd.get("tuner")
     if not isinstance(t, dict):
         raise ValueError("Not a Mechanic state dict: it has no 'tuner' entry")
@@ -49,7 +73,7 @@ def check_state_dict(sd: dict[str, Any], hyper: Hyper, entries: list[tuple[int, 
         if not isinstance(v, Tensor) or tuple(v.shape) != want:
             raise ValueError(f"Checkpoint entry mechanic_{k} should be a tensor of shape {want}, got {v!r:.80}")
     state = sd.get("state", {})
-    mine_by_index = {i: p for i, p, _ in entries}
+    mine_by_index = dict(entries)
     want_keys = set(PARAM_KEYS if hyper.store_delta else (REF,))
     started = int(t["mechanic_step"]) > 0
     for i, p in mine_by_index.items():
@@ -68,9 +92,11 @@ def check_state_dict(sd: dict[str, Any], hyper: Hyper, entries: list[tuple[int, 
                 shape = getattr(v, "shape", None)
                 raise ValueError(f"Checkpoint {k} of parameter {i} has shape {tuple(shape) if shape is not None else v!r}, "
                                  f"the parameter has {tuple(p.shape)}; it comes from another model")
-    extra = sorted(i for i, entry in state.items() if i not in mine_by_index and any(k in PARAM_KEYS for k in entry))
+    extra = sorted(i for i, entry in state.items() if not (isinstance(i, int) and 0 <= i < positions)
+                   and any(k in PARAM_KEYS for k in entry))
     if extra:
-        raise ValueError(f"Checkpoint has Mechanic buffers for parameters {extra}, which are not under Mechanic here")
+        raise ValueError(f"Checkpoint has Mechanic buffers for parameters {extra}, but this optimizer has "
+                         f"{positions} parameters; it comes from another model or optimizer layout")
 
 
 def strip_mechanic(sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -76,6 +76,20 @@ class TunerState:
     def tensors(self) -> dict[str, Tensor]:
         return {"r": self.r, "m": self.m, "v": self.v, "s": self.s, "step": self.step, "skipped": self.skipped}
 
+    @staticmethod
+    def of(tensors: dict[str, Tensor], dtype: torch.dtype, device: torch.device) -> "TunerState":
+        """A copy of ``tensors`` (keyed like ``tensors()``) in ``dtype`` (the counters stay int64) on ``device``."""
+        def own(k: str) -> Tensor:
+            return tensors[k].detach().to(device=device, dtype=torch.int64 if k in ("step", "skipped") else dtype,
+                                          copy=True)
+        return TunerState(own("r"), own("m"), own("v"), own("s"), own("step"), own("skipped"))
+
+    def to(self, dtype: torch.dtype, device: torch.device) -> "TunerState":
+        """This state if it already is in ``dtype`` on ``device``, else a moved copy."""
+        if self.s.dtype == dtype and self.s.device == device:
+            return self
+        return TunerState.of(self.tensors(), dtype, device)
+
     def copy_(self, other: "TunerState") -> None:
         for name, t in self.tensors().items():
             t.copy_(getattr(other, name))

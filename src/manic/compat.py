@@ -1,0 +1,68 @@
+"""Every place manic relies on something torch does not promise, in one section.
+
+Each function here has a test of its own in tests/test_compat.py named after it, so a torch
+release that changes one of these fails one named test instead of a distant symptom.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+try:  # DTensor parameters (FSDP2, TP): Mechanic works on the local shard.
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = ()  # type: ignore[assignment,misc]
+
+# torch.compile must not trace into (de)serialisation; torch.optim uses the same decorator.
+disable_dynamo: Callable[[Callable], Callable] = torch._disable_dynamo
+
+# Multi-tensor kernels: the same ones torch.optim's foreach implementations use.
+foreach_norm = torch._foreach_norm
+foreach_sub = torch._foreach_sub
+foreach_sub_ = torch._foreach_sub_
+
+
+def local(t: Tensor) -> Tensor:
+    """The part of ``t`` this rank holds."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def is_fsdp1_flat(p: Tensor) -> bool:
+    """FSDP1's flat parameters and, with use_orig_params=True, the original parameters viewing
+    them: FSDP1 marks both with the private flag ``_fsdp_flattened``."""
+    return bool(getattr(p, "_fsdp_flattened", False))
+
+
+def root_mesh(mesh: Any) -> Any:
+    """The mesh a sliced DeviceMesh was cut from (the mesh itself if it was not sliced)."""
+    return mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+
+
+def is_strided_shard(placement: Any) -> bool:
+    """FSDP2 + TP shard a dim twice with the private placement ``_StridedShard``."""
+    return type(placement).__name__ == "_StridedShard"
+
+
+def init_optimizer_hooks(optimizer: torch.optim.Optimizer) -> None:
+    """Set up the hook registries and step profiling of ``torch.optim.Optimizer.__init__``
+    without its parameter handling (``Optimizer.__setstate__`` does exactly that)."""
+    torch.optim.Optimizer.__setstate__(optimizer, {})
+
+
+def step_with_own_hooks(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()`` without the global optimizer hooks (the mechanized optimizer's
+    step already ran them), but with the instance's own hooks, as torch's step wrapper does."""
+    step = type(optimizer).step
+    inner = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
+    if inner is None:
+        optimizer.step()
+        return
+    for hook in optimizer._optimizer_step_pre_hooks.values():
+        hook(optimizer, (), {})
+    inner(optimizer)
+    for hook in optimizer._optimizer_step_post_hooks.values():
+        hook(optimizer, (), {})
+    optimizer._opt_called = True  # type: ignore[attr-defined]  # an LR scheduler built on the base checks it

@@ -1,0 +1,149 @@
+"""Which tensors Mechanic works on, read from the base optimizer's ``param_groups``.
+
+Frameworks replace an optimizer's parameters after it is built (accelerate and HF Trainer
+with FSDP2 swap in the sharded DTensors; DeepSpeed swaps in flat partitions), so the layout is
+read when Mechanic first steps or loads a checkpoint, and read again whenever the groups
+change. A parameter is under Mechanic when its group does not say ``"mechanic": False`` and
+it requires grad. The layout holds the parameters through weak references: a tensor the
+optimizer dropped is never kept alive by Mechanic.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .compat import DTensor, local
+from .reduce import Reducer, detect
+
+Buffers = dict[str, Tensor]  # mechanic_ref (and mechanic_delta) of one parameter
+
+
+def _signature(p: Tensor) -> tuple:
+    """What must agree for Mechanic's buffers to move from one tensor to its replacement."""
+    placement = None
+    if isinstance(p, DTensor):
+        mesh = p.device_mesh
+        placement = (tuple(map(str, p.placements)), tuple(mesh.mesh.flatten().tolist()), mesh.mesh_dim_names)
+    return tuple(p.shape), tuple(local(p).shape), p.dtype, local(p).device, placement
+
+
+def _describe(sig: tuple) -> dict[str, Any]:
+    shape, local_shape, dtype, device, placement = sig
+    return {"shape": shape, "local shape": local_shape, "dtype": dtype, "device": device,
+            "placement": placement[0] if placement else "plain tensor", "mesh": placement[1:] if placement else None}
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One parameter under Mechanic."""
+
+    index: int  # its position over all param groups, as in the optimizer's state dict
+    ref: weakref.ref
+    negate: bool  # its group maximizes: its gradient counts as -g
+    counted: bool  # this rank adds it to the sums (a replicated parameter counts once)
+    signature: tuple
+
+    @property
+    def param(self) -> Tensor | None:
+        return self.ref()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The parameters under Mechanic, the reducer for their sums, and the tuner's dtype and device."""
+
+    slots: tuple[Slot, ...]
+    seen: tuple[tuple[weakref.ref, bool, bool], ...]  # every parameter of every group: (ref, under, negate)
+    reducer: Reducer
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [s.ref() for s in self.slots]  # type: ignore[misc]
+
+    def matches(self, optimizer: torch.optim.Optimizer) -> bool:
+        """True while ``optimizer.param_groups`` still hold exactly these parameters (cheap: no allocation)."""
+        seen, k = self.seen, 0
+        for group in optimizer.param_groups:
+            on, negate = group.get("mechanic", True), bool(group.get("maximize", False))
+            for p in group["params"]:
+                if k == len(seen):
+                    return False
+                ref, under, neg = seen[k]
+                if ref() is not p or (on and p.requires_grad) != under or (under and negate != neg):
+                    return False
+                k += 1
+        return k == len(seen)
+
+
+def bind(optimizer: torch.optim.Optimizer, reducer: Reducer | None, process_group: Any, device_mesh: Any) -> Layout:
+    """Read the layout from ``optimizer.param_groups`` now; raise if Mechanic cannot work on it."""
+    seen, entries = [], []
+    for group in optimizer.param_groups:
+        on, negate = group.get("mechanic", True), bool(group.get("maximize", False))
+        for p in group["params"]:
+            under = bool(on and p.requires_grad)
+            if under:
+                entries.append((len(seen), p, negate))
+            seen.append((weakref.ref(p), under, negate))
+    if not entries:
+        raise ValueError("The optimizer has no parameters under Mechanic; pass an optimizer with trainable "
+                         "parameters (frozen ones and groups with 'mechanic': False take no part)")
+    for i, p, _ in entries:
+        if p.is_complex():
+            raise TypeError(f"Parameter {i} is complex ({p.dtype}); Mechanic supports real floating-point "
+                            "parameters only (view it as real with torch.view_as_real)")
+        if not p.is_floating_point():
+            raise TypeError(f"Parameter {i} has dtype {p.dtype}; Mechanic needs floating-point parameters")
+    devices = {local(p).device for _, p, _ in entries}
+    if len(devices) > 1:
+        raise ValueError(f"Parameters under Mechanic live on several devices {sorted(map(str, devices))}; "
+                         "Mechanic needs them on one device (use one optimizer per device)")
+    params = [p for _, p, _ in entries]
+    if reducer is not None:
+        counted = [True] * len(params)
+    else:
+        reducer, counted = detect(params, process_group, device_mesh)
+    slots = tuple(Slot(i, weakref.ref(p), neg, c, _signature(p)) for (i, p, neg), c in zip(entries, counted))
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    return Layout(slots, tuple(seen), reducer, dtype, devices.pop())
+
+
+def carry(old: Layout, new: Layout, buffers: dict[int, Buffers], join: Callable[[Tensor], Buffers] | None
+          ) -> dict[int, Buffers]:
+    """The buffers for ``new``, moved over from ``old`` by position.
+
+    A position keeps its buffers when its tensor is the same or a replacement of the same
+    shape, dtype, device and placement; a parameter new under Mechanic (added, or unfrozen)
+    gets ``join(p)`` (``None``: no buffers yet); one that left (frozen) loses its buffers.
+    Anything else is ambiguous and raises, naming the parameter.
+    """
+    before = {s.index: s for s in old.slots}
+    out: dict[int, Buffers] = {}
+    for s in new.slots:
+        o = before.get(s.index)
+        if o is not None and s.index in buffers:
+            if o.ref() is not s.ref() and o.signature != s.signature:
+                was, now = _describe(o.signature), _describe(s.signature)
+                changed = "; ".join(f"{k} {was[k]} -> {now[k]}" for k in was if was[k] != now[k])
+                raise RuntimeError(
+                    f"Parameter {s.index} of the base optimizer was replaced after Mechanic's first step by a "
+                    f"tensor that does not match it ({changed}), so Mechanic cannot carry its state over. Replace "
+                    "parameters before the first step (e.g. build or prepare the optimizer after sharding), or "
+                    "with tensors of the same shape, dtype, device and placement")
+            out[s.index] = buffers[s.index]
+        elif join is not None:
+            out[s.index] = join(s.ref())  # type: ignore[arg-type]
+    lost = sorted(i for i in buffers if i >= len(new.seen))
+    if lost:
+        raise RuntimeError(
+            f"The base optimizer holds {len(new.seen)} parameters, {len(old.seen)} at Mechanic's last step: "
+            f"parameter {lost[0]} is gone, so Mechanic's state for it has nowhere to go. Remove parameters by "
+            "freezing them (requires_grad=False) or rebuild the optimizer and Mechanic")
+    return out
