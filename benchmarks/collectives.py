@@ -54,15 +54,18 @@ class Collectives(TorchDispatchMode):
 
 def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
            steps: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]], Counter[str]]:
-    """(count, bytes) of each step and of each forward + backward; the step's ops (last step)."""
+    """(count, bytes) of each step and of each forward + backward; the step's ops (last step).
+    The first step is not counted: it also runs Mechanic's one-time configuration check."""
     steps_seen, fwd_bwd = [], []
     ops: Counter[str] = Counter()
-    for _ in range(steps):
+    for i in range(steps + 1):
         opt.zero_grad()
         with Collectives() as fb:
             model(x).square().mean().backward()
         with Collectives() as c:
             opt.step()
+        if i == 0:
+            continue
         steps_seen.append((c.count, c.bytes))
         fwd_bwd.append((fb.count, fb.bytes))
         ops = c.ops

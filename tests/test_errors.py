@@ -230,22 +230,39 @@ def test_mechanic_rejects_anything_but_an_updater(what):
         assert_base_pristine(obj)
 
 
+def first_step(form, base):
+    """Wrap ``base`` (construction takes it as it is) and take one step with gradients."""
+    wrapped = FORMS[form](base)
+    for g in base.param_groups:
+        for p in g["params"]:
+            p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for g in base.param_groups for p in g["params"]]
+    return wrapped, before
+
+
+def assert_first_step_refused(form, base, error, match):
+    """Mechanic binds at the first step: a layout it cannot work on raises there, before the
+    base optimizer moves anything, and Mechanic has not started."""
+    wrapped, before = first_step(form, base)
+    with pytest.raises(error, match=match):
+        wrapped.step()
+    after = [p.detach() for g in base.param_groups for p in g["params"]]
+    assert all(torch.equal(a, b) for a, b in zip(before, after) if a.device.type != "meta")
+    assert not any(isinstance(k, str) and k.startswith("mechanic_") for st in base.state.values() for k in st)
+    assert int(wrapped.stats()["step"]) == 0
+
+
 @pytest.mark.parametrize("form", list(FORMS))
 def test_no_parameters_under_mechanic(form):
     base = torch.optim.SGD([{"params": make_params(), "mechanic": False}], lr=0.1)
-    with pytest.raises(ValueError, match="no parameters"):
-        FORMS[form](base)
-    assert_base_pristine(base)
-    base.step()  # the base is unharmed (no gradients: a no-op)
+    assert_first_step_refused(form, base, ValueError, "no parameters under Mechanic.*'mechanic': False")
 
 
 @pytest.mark.parametrize("form", list(FORMS))
 def test_complex_parameters(form):
     c = torch.randn(3, dtype=torch.complex64, requires_grad=True)
     base = torch.optim.SGD([{"params": make_params(dtype=torch.float32)}, {"params": [c]}], lr=0.1)
-    with pytest.raises(TypeError, match="complex"):
-        FORMS[form](base)
-    assert_base_pristine(base)
+    assert_first_step_refused(form, base, TypeError, "Parameter 2 is complex")
 
 
 def test_complex_parameters_in_an_opted_out_group_are_fine():
@@ -306,9 +323,7 @@ def test_parameters_on_different_devices(form):
     # two devices are constructible on a CPU-only machine with the meta device
     params = [torch.randn(3, requires_grad=True), torch.empty(3, device="meta", requires_grad=True)]
     base = torch.optim.SGD(params, lr=0.1)
-    with pytest.raises(ValueError, match=r"several devices.*cpu.*meta|several devices.*meta.*cpu"):
-        FORMS[form](base)
-    assert_base_pristine(base)
+    assert_first_step_refused(form, base, ValueError, r"several devices.*cpu.*meta|several devices.*meta.*cpu")
 
 
 # --------------------------------------------------------------------------- errors at step
@@ -416,24 +431,24 @@ def test_updater_step_without_mechanic_step():
 
 
 @pytest.mark.parametrize("form", ["dropin", "seed"])
-def test_parameters_added_to_the_base_directly(form):
-    run, twin = Run(form), Run(form)
-    run.step(2)
-    twin.step(2)
-    extra = torch.zeros(2, dtype=F64, requires_grad=True)
-    run.base.add_param_group({"params": [extra]})  # behind Mechanic's back
-    grads_at(run.params, run.t)
-    extra.grad = torch.ones(2, dtype=F64)
-    before = run.snapshot()
-    with pytest.raises(RuntimeError, match="add_param_group"):
-        if form == "dropin":
-            run.opt.step()
+def test_parameters_added_to_the_base_directly_join_like_add_param_group(form):
+    """Mechanic follows the base's param groups: a group added behind its back joins at the
+    next step exactly as one added through the mechanized optimizer's add_param_group."""
+    runs = []
+    for how in ("base", "mechanized"):
+        run = Run(form)
+        run.step(2)
+        extra = torch.linspace(-1, 1, 2, dtype=F64).requires_grad_()
+        if how == "mechanized" and form == "dropin":
+            run.opt.add_param_group({"params": [extra]})
         else:
-            run.mechanic.step()
-    assert_untouched(before, run)
-    assert torch.equal(extra, torch.zeros(2, dtype=F64))
-    run.base.param_groups.pop()  # undo: it steps on as before
-    assert_same_run(run.step(3), twin.step(3))
+            run.base.add_param_group({"params": [extra]})
+        run.params.append(extra)
+        run.step(4)
+        assert set(run.base.state[extra]) >= {"mechanic_ref", "mechanic_delta"}
+        runs.append(run)
+    assert_same_run(*runs)
+    assert not torch.equal(runs[0].params[-1], torch.linspace(-1, 1, 2, dtype=F64))
 
 
 def test_lr_scheduler_of_another_optimizer():
@@ -556,3 +571,164 @@ def test_bad_load_before_the_first_step_changes_nothing():
         run.load(copy.deepcopy(_donor("dropin", num_betas=2)))
     assert_untouched(before, run)
     assert_same_run(run.step(4), twin.step(4))
+
+
+# --------------------------------------------------------------------------- the table of rejected inputs
+def _params(n=2, dtype=torch.float64):
+    torch.manual_seed(0)
+    return [torch.randn(4, 3, dtype=dtype, requires_grad=True) for _ in range(n)]
+
+
+def _sgd(params=None, **kw):
+    return torch.optim.SGD(params if params is not None else _params(), lr=0.1, **kw)
+
+
+CONSTRUCTION = [
+    # (description, factory, exception, message fragment)
+    ("eps = 0", lambda: manic.mechanize(_sgd(), eps=0.0), ValueError, "eps"),
+    ("eps < 0", lambda: manic.mechanize(_sgd(), eps=-1e-8), ValueError, "eps"),
+    ("s_init = 0", lambda: manic.mechanize(_sgd(), s_init=0.0), ValueError, "s_init"),
+    ("num_betas = 0", lambda: manic.mechanize(_sgd(), num_betas=0), ValueError, "num_betas"),
+    ("num_betas = 2.5", lambda: manic.mechanize(_sgd(), num_betas=2.5), ValueError, "num_betas"),
+    ("num_betas = True", lambda: manic.mechanize(_sgd(), num_betas=True), ValueError, "num_betas"),
+    ("weight_decay < 0", lambda: manic.mechanize(_sgd(), weight_decay=-0.1), ValueError, "weight_decay"),
+    ("weight_decay nan", lambda: manic.mechanize(_sgd(), weight_decay=float("nan")), ValueError, "weight_decay"),
+    ("weight_decay inf", lambda: manic.mechanize(_sgd(), weight_decay=float("inf")), ValueError, "weight_decay"),
+    ("eps a string", lambda: manic.mechanize(_sgd(), eps="1e-8"), TypeError, "eps"),
+    ("store_delta not bool", lambda: manic.mechanize(_sgd(), store_delta=1), TypeError, "store_delta"),
+    ("compile not bool", lambda: manic.mechanize(_sgd(), compile="yes"), TypeError, "compile"),
+    ("a model, not an optimizer", lambda: manic.mechanize(torch.nn.Linear(2, 2)), TypeError, "Optimizer"),
+    ("a list of params", lambda: manic.mechanize(_params()), TypeError, "Optimizer"),
+    ("Updater of a model", lambda: manic.Updater(torch.nn.Linear(2, 2)), TypeError, "Optimizer"),
+    ("Mechanic of an optimizer", lambda: manic.Mechanic(_sgd()), TypeError, "Updater"),
+    ("mechanize a Mechanized", lambda: manic.mechanize(manic.mechanize(_sgd())), TypeError, "already"),
+    ("LBFGS", lambda: manic.mechanize(torch.optim.LBFGS(_params())), TypeError, "LBFGS"),
+    ("an invalid reducer", lambda: manic.mechanize(_sgd(), reducer=object()), TypeError, "reducer"),
+    ("reducer and process_group", lambda: manic.mechanize(_sgd(), reducer=manic.NoReduce(), process_group=1),
+     ValueError, "one of"),
+    ("process_group and device_mesh", lambda: manic.mechanize(_sgd(), process_group=1, device_mesh=2),
+     ValueError, "not both"),
+    ("an unknown keyword", lambda: manic.mechanize(_sgd(), betas=3), TypeError, "unexpected keyword.*betas"),
+    ("an unknown keyword (seed form)", lambda: manic.Mechanic(manic.Updater(_sgd()), s_int=1e-3), TypeError,
+     "Mechanic.*unexpected keyword.*s_int"),
+    ("options and keywords", lambda: manic.Mechanized(_sgd(), manic.Options(), eps=1e-6), TypeError, "not both"),
+]
+
+
+@pytest.mark.parametrize("what,factory,exc,fragment", CONSTRUCTION, ids=[c[0] for c in CONSTRUCTION])
+def test_rejected_at_construction(what, factory, exc, fragment):
+    with pytest.raises(exc, match=fragment):
+        factory()
+
+
+def test_scheduler_attached_to_another_optimizer():
+    other = _sgd()
+    with pytest.raises(ValueError, match="another optimizer"):
+        manic.Updater(_sgd(), torch.optim.lr_scheduler.StepLR(other, 1))
+
+
+def test_sparse_gradient_at_step():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = manic.mechanize(torch.optim.SGD(emb.parameters(), lr=0.1))
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_mechanic_step_twice_and_updater_step_alone():
+    params = _params()
+    updater = manic.Updater(_sgd(params))
+    mechanic = manic.Mechanic(updater)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="mechanic.step"):
+        updater.step()
+    mechanic.step()
+    with pytest.raises(RuntimeError, match="twice"):
+        mechanic.step()
+    updater.step()  # the pair still works afterwards
+    mechanic.step()
+    updater.step()
+
+
+def _trained(store_delta=True, weight_decay=1e-2, shape=(4, 3)):
+    torch.manual_seed(0)
+    params = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    opt = manic.mechanize(torch.optim.AdamW(params, lr=1e-2), store_delta=store_delta, weight_decay=weight_decay)
+    for t in range(5):
+        for p in params:
+            p.grad = torch.full_like(p, 0.1 * (t + 1))
+        opt.step()
+    return params, opt
+
+
+def _snapshot(params, opt):
+    return copy.deepcopy(([p.detach() for p in params], opt.state_dict()))
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _bad_version(sd):
+    sd["param_groups"][0]["mechanic_version"] = 99
+    return sd
+
+
+def _bad_tuner(sd):
+    sd["param_groups"][0]["mechanic_s"] = "garbage"
+    return sd
+
+
+LOADS = [
+    ("other hyperparameters", lambda: _trained(weight_decay=0.5)[1].state_dict(), "weight_decay"),
+    ("other store_delta mode", lambda: _trained(store_delta=False)[1].state_dict(), "store_delta"),
+    ("another model", lambda: _trained(shape=(3, 4))[1].state_dict(), "shape"),
+    ("unsupported format version", lambda: _bad_version(_trained()[1].state_dict()), "version"),
+    ("corrupted tuner entry", lambda: _bad_tuner(_trained()[1].state_dict()), "mechanic_s"),
+]
+
+
+@pytest.mark.parametrize("what,make,fragment", LOADS, ids=[c[0] for c in LOADS])
+def test_bad_load_raises_and_leaves_state_untouched(what, make, fragment):
+    params, opt = _trained()
+    before = _snapshot(params, opt)
+    with pytest.raises(ValueError, match=fragment):
+        opt.load_state_dict(copy.deepcopy(make()))
+    assert _same(before, _snapshot(params, opt))
+    for p in params:  # and it still steps
+        p.grad = torch.ones_like(p)
+    opt.step()
+
+
+def test_bad_seed_load_raises_and_leaves_state_untouched():
+    params = _params()
+    updater = manic.Updater(torch.optim.AdamW(params, lr=1e-2))
+    mechanic = manic.Mechanic(updater)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    mechanic.step()
+    updater.step()
+    before = copy.deepcopy(mechanic.state_dict())
+    other = manic.Mechanic(manic.Updater(torch.optim.AdamW(_params(), lr=1e-2)), num_betas=3)
+    with pytest.raises(ValueError, match="num_betas"):
+        mechanic.load_state_dict(other.state_dict())
+    assert _same(before, mechanic.state_dict())
+
+
+def test_truncated_checkpoint_file(tmp_path):
+    params, opt = _trained()
+    path = tmp_path / "opt.pt"
+    torch.save(opt.state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    before = _snapshot(params, opt)
+    with pytest.raises(Exception):  # torch.load's own error; nothing reaches the optimizer
+        opt.load_state_dict(torch.load(path, weights_only=True))
+    assert _same(before, _snapshot(params, opt))

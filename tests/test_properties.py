@@ -10,19 +10,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import manic
+from manic.layout import bind
 from manic.state import DELTA, REF
 
 shapes = st.lists(st.integers(0, 6), min_size=1, max_size=3).map(tuple)
 
 
-def _engine_with_state(params, grads, refs, deltas):
+def _partial_sums(params, grads, refs, deltas):
+    """The engine's local partial sums over ``params`` holding the given buffers."""
     for p, g in zip(params, grads):
         p.grad = g
-    opt = manic.mechanize(torch.optim.SGD(params, lr=0.1))
-    engine = opt._engine
-    engine._buf = {p: {REF: r, DELTA: d} for p, r, d in zip(params, refs, deltas)}
-    engine._started = True
-    return engine
+    engine = manic.mechanize(torch.optim.SGD(params, lr=0.1))._engine
+    layout = bind(engine.optimizer, None, None, None)
+    buffers = {s.index: {REF: r, DELTA: d} for s, r, d in zip(layout.slots, refs, deltas)}
+    return engine._local_sums(layout, buffers)[0]
 
 
 @settings(max_examples=60, deadline=None)
@@ -33,7 +34,7 @@ def test_sharded_partial_sums_add_up(data, shape_list, dtype, world):
     full = [[torch.randn(s, generator=gen, dtype=dtype) for s in shape_list] for _ in range(4)]
     xs, gs, refs, deltas = full
     params = [x.clone().requires_grad_(True) for x in xs]
-    expected = _engine_with_state(params, gs, refs, deltas)._local_sums()[0]
+    expected = _partial_sums(params, gs, refs, deltas)
 
     total = torch.zeros_like(expected)
     # each tensor is flattened and cut at random points into `world` (possibly empty) shards
@@ -45,7 +46,7 @@ def test_sharded_partial_sums_add_up(data, shape_list, dtype, world):
         shard = [[t.reshape(-1)[c[r]:c[r + 1]].clone() for t, c in zip(ts, cuts)] for ts in full]
         sxs, sgs, srefs, sdeltas = shard
         sparams = [x.requires_grad_(True) for x in sxs]
-        total += _engine_with_state(sparams, sgs, srefs, sdeltas)._local_sums()[0]
+        total += _partial_sums(sparams, sgs, srefs, sdeltas)
     tol = 1e-4 if dtype == torch.float32 else 1e-11
     scale = expected.abs().max().item() + 1.0
     assert (total - expected).abs().max().item() <= tol * scale

@@ -137,6 +137,8 @@ class Engine:
                          group=o.process_group)
             self._checked = True
         state = self.tuner.to(layout.dtype, layout.device)
+        if not layout.slots:  # every parameter is frozen
+            return Plan(layout, {}, self.started, state, None)
         started = self.started
         if not started:
             # Mechanic starts at the first step with a non-zero learning rate. Before it, the

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .compat import DTensor, local
-from .reduce import Reducer, detect
+from .reduce import NoReduce, Reducer, detect
 
 Buffers = dict[str, Tensor]  # mechanic_ref (and mechanic_delta) of one parameter
 
@@ -92,9 +92,9 @@ def bind(optimizer: torch.optim.Optimizer, reducer: Reducer | None, process_grou
             if under:
                 entries.append((len(seen), p, negate))
             seen.append((weakref.ref(p), under, negate))
-    if not entries:
-        raise ValueError("The optimizer has no parameters under Mechanic; pass an optimizer with trainable "
-                         "parameters (frozen ones and groups with 'mechanic': False take no part)")
+    if not any(g.get("mechanic", True) and g["params"] for g in optimizer.param_groups):
+        raise ValueError("The optimizer has no parameters under Mechanic: every param group says 'mechanic': "
+                         "False (or has no parameters); let at least one group take part")
     for i, p, _ in entries:
         if p.is_complex():
             raise TypeError(f"Parameter {i} is complex ({p.dtype}); Mechanic supports real floating-point "
@@ -106,13 +106,19 @@ def bind(optimizer: torch.optim.Optimizer, reducer: Reducer | None, process_grou
         raise ValueError(f"Parameters under Mechanic live on several devices {sorted(map(str, devices))}; "
                          "Mechanic needs them on one device (use one optimizer per device)")
     params = [p for _, p, _ in entries]
+    if not params:  # every parameter is frozen: Mechanic idles until one is not
+        on = [p for g in optimizer.param_groups if g.get("mechanic", True) for p in g["params"]]
+        return Layout((), tuple(seen), NoReduce(), _tuner_dtype(on), local(on[0]).device)
     if reducer is not None:
         counted = [True] * len(params)
     else:
         reducer, counted = detect(params, process_group, device_mesh)
     slots = tuple(Slot(i, weakref.ref(p), neg, c, _signature(p)) for (i, p, neg), c in zip(entries, counted))
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    return Layout(slots, tuple(seen), reducer, dtype, devices.pop())
+    return Layout(slots, tuple(seen), reducer, _tuner_dtype(params), devices.pop())
+
+
+def _tuner_dtype(params: list[Tensor]) -> torch.dtype:
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
 def carry(old: Layout, new: Layout, buffers: dict[int, Buffers], join: Callable[[Tensor], Buffers] | None

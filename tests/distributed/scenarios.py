@@ -120,7 +120,10 @@ def compare(name: str, model: nn.Module, scales: list[float], ref: tuple[list[to
 
 
 def check_counts(name: str, counts: list, collectives: int) -> None:
-    assert all(c == (collectives, 0) for c in counts), f"{name}: (collectives, host syncs) per step {counts}"
+    """``collectives`` and no host sync per step; the first step also runs the one-time
+    configuration check (all_gather_object: two all-gathers, and its own host syncs)."""
+    assert all(c == (collectives, 0) for c in counts[1:]), f"{name}: (collectives, host syncs) per step {counts}"
+    assert counts[0][0] == collectives + 2, f"{name}: the first step's (collectives, host syncs) {counts[0]}"
 
 
 def check_form(name: str, model: nn.Module, collectives: int, kind: str = "adamw",
@@ -289,11 +292,14 @@ CONFIG_FIELDS = ("weight_decay", "eps", "s_init", "num_betas", "store_delta", "r
 
 
 def config_mismatch(rank: int, world: int) -> dict[str, str]:
-    """For each checked field, rank 1 differs from rank 0: every rank must raise, naming it."""
+    """For each checked field, rank 1 differs from rank 0: every rank must raise at the first
+    step (when Mechanic binds), naming it."""
     out = {}
+    X, y = data()
     for field in CONFIG_FIELDS:
         kwargs: dict[str, Any] = {}
-        params = list(make_net().parameters())
+        model = make_net()
+        params = list(model.parameters())
         if rank == 1:
             kwargs = {"weight_decay": {"weight_decay": 0.5}, "eps": {"eps": 1e-6}, "s_init": {"s_init": 1e-5},
                       "num_betas": {"num_betas": 3}, "store_delta": {"store_delta": False},
@@ -302,8 +308,10 @@ def config_mismatch(rank: int, world: int) -> dict[str, str]:
                 params = params[:-1]
         elif field == "reducer":
             kwargs = {"reducer": manic.ProcessGroupReducer()}
+        opt = manic.mechanize(torch.optim.SGD(params, lr=LR), **kwargs)
+        torch.nn.functional.mse_loss(model(X), y).backward()
         try:
-            manic.mechanize(torch.optim.SGD(params, lr=LR), **kwargs)
+            opt.step()
             out[field] = "no error"
         except ValueError as e:
             out[field] = str(e)
