@@ -1,17 +1,15 @@
-"""Shared by the distributed benchmarks: start ranks (the tests' harness), build a model, count
+"""Shared by the distributed benchmarks: start ranks (manic.testing), build a model, count
 what a step sends."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "distributed"))
-import harness  # noqa: E402  (tests/distributed/harness.py: forkserver ranks, gloo, a hard timeout)
+from manic import testing as harness  # forkserver ranks, gloo, a hard timeout
 
 run = harness.run
 

@@ -52,6 +52,12 @@ def init_optimizer_hooks(optimizer: torch.optim.Optimizer) -> None:
     torch.optim.Optimizer.__setstate__(optimizer, {})
 
 
+def is_optimizer_internal(name: str) -> bool:
+    """Instance attributes that torch.optim keeps out of pickles and deep copies: the hook
+    registries, and the step wrapper and flag an LR scheduler puts on the optimizer."""
+    return name in ("step", "_opt_called") or name.startswith("_optimizer_")
+
+
 def step_with_own_hooks(optimizer: torch.optim.Optimizer) -> None:
     """``optimizer.step()`` without the global optimizer hooks (the mechanized optimizer's
     step already ran them), but with the instance's own hooks, as torch's step wrapper does."""

@@ -13,6 +13,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from .compat import foreach_norm, foreach_sub_
+
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     if a.dtype != b.dtype:
@@ -31,8 +33,8 @@ def partial_sums_eager(gs: list[Tensor], gds: list[Tensor], negate: list[bool], 
 
     g_dot_d = [-_dot(g, d) if neg else _dot(g, d) for g, d, neg in zip(gs, gds, negate)]
     x_dot_d = [_dot(x, d) for x, d in zip(xs, xds)]
-    g_sq = [n * n for n in torch._foreach_norm(gs, 2, dtype=dtype)] if gs else []
-    x_sq = [n * n for n in torch._foreach_norm(xs, 2, dtype=dtype)] if xs else []
+    g_sq = [n * n for n in foreach_norm(gs, 2, dtype=dtype)] if gs else []
+    x_sq = [n * n for n in foreach_norm(xs, 2, dtype=dtype)] if xs else []
     return torch.stack([total(g_dot_d), total(x_dot_d), total(g_sq), total(x_sq)])
 
 
@@ -60,7 +62,7 @@ def rebase_eager(xs: list[Tensor], refs: list[Tensor], ds: list[Tensor], S_old: 
     keep = 1 - S_old * ok
     same, wide = _split(xs, refs, ds)
     if same:
-        torch._foreach_sub_([x for x, _, _ in same], [r for _, r, _ in same])  # y = x_after - x_ref
+        foreach_sub_([x for x, _, _ in same], [r for _, r, _ in same])  # y = x_after - x_ref
     for x, r, d in same:
         torch.where(ok, x, x.new_zeros(()), out=x)  # a non-finite step moves nothing
         torch.addcmul(x, d, keep, out=d)  # Delta + u = y + (1 - S_old) * Delta, in Delta's dtype
@@ -96,8 +98,8 @@ def rebase_recompute_eager(xs: list[Tensor], refs: list[Tensor], diffs: list[Ten
     same, wide = _split(xs, refs, diffs)
     if same:
         xs_same = [x for x, _, _ in same]
-        torch._foreach_sub_(xs_same, [r for _, r, _ in same])
-        torch._foreach_sub_(xs_same, [dd for _, _, dd in same])  # u
+        foreach_sub_(xs_same, [r for _, r, _ in same])
+        foreach_sub_(xs_same, [dd for _, _, dd in same])  # u
     for x, r, dd in same:
         torch.where(ok, x, x.new_zeros(()), out=x)
         torch.addcmul(x, dd, inv, out=x)  # D_t + u

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-from .compat import disable_dynamo, init_optimizer_hooks, step_with_own_hooks
+from .compat import disable_dynamo, init_optimizer_hooks, is_optimizer_internal, step_with_own_hooks
 from .engine import Engine, TunerReadout
 from .options import Options, with_options_signature
 from .state import strip_mechanic
@@ -114,8 +114,7 @@ class Mechanized(TunerReadout, torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # Like torch.optim.Optimizer: no hooks, and not the step wrapper an LR scheduler put on
         # this instance (it points back at this object).
-        return {k: v for k, v in self.__dict__.items()
-                if k not in ("step", "_opt_called") and not k.startswith("_optimizer_")}
+        return {k: v for k, v in self.__dict__.items() if not is_optimizer_internal(k)}
 
     def __repr__(self) -> str:
         h = self._engine.hyper

@@ -11,7 +11,12 @@ schedule, all returned from ``configure_optimizers``):
   C  ``fit(ckpt_path=<B's checkpoint>)`` to N
   D  ``fit(ckpt_path=<A's ModelCheckpoint at N/2>)`` to N
 
-N/2 is an epoch boundary (Lightning does not fast-forward a plain DataLoader inside an epoch).
+Each rank's share of the data is a single batch, so every step sees the same data whatever
+Lightning's loop bookkeeping does on resume. (With several batches per epoch, Lightning 2.6
+resumes a run that ``max_steps`` stopped at an epoch boundary with one step of a spurious
+"batch 4" of the finished epoch on a fresh iterator, then a new epoch: the batch order shifts by
+one. That is Lightning's, not Mechanic's, and would make C differ from A for reasons unrelated
+to the optimizer. A ``ModelCheckpoint`` taken at the same step resumes in order.)
 For ``ddp`` and ``fsdp2`` Lightning's own launcher starts rank 1 (it re-runs this script with
 ``LOCAL_RANK=1``); every rank writes ``OUT_DIR/rank{r}.pt`` (the result of each run, plus what
 Lightning did to the optimizer) or, on an error, ``OUT_DIR/rank{r}.err`` (the traceback).
@@ -30,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-N = 24          # steps of a full run
-HALF = N // 2   # where the interrupted run stops (an epoch boundary in every mode)
+N = 40          # steps of a full run
+HALF = N // 2   # where the interrupted run stops
 LR = 1e-2
-SAMPLES, BATCH = 32, 8
+SAMPLES = 32    # split over the data-parallel ranks; each rank's share is one batch
 PG_TIMEOUT = timedelta(seconds=45)
 
 
@@ -66,11 +71,12 @@ class Net(nn.Module):
         return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
 
 
-def loader() -> torch.utils.data.DataLoader:
+def loader(world: int) -> torch.utils.data.DataLoader:
     g = torch.Generator().manual_seed(7)
     X = torch.randn(SAMPLES, 8, generator=g, dtype=torch.float64)
     y = torch.stack([X[:, 0].sin(), X[:, 1] * X[:, 2]], dim=1)
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=BATCH, shuffle=False)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=SAMPLES // world,
+                                       shuffle=False)
 
 
 def _callers() -> list[str]:
@@ -97,6 +103,8 @@ def build_task(sharded: bool):  # -> lightning.LightningModule
             self.net = Net().double()
             self.events: list[Any] = []   # hook order, what configure_optimizers saw
             self.scales: list[torch.Tensor] = []
+            self.trace: list[tuple] = []
+            self.other_steps: list[list[str]] = []
             self.step_kwargs: list[list[str]] = []
             self.state_dict_callers: list[list[str]] = []
             self.load_state_dict_callers: list[list[str]] = []
@@ -114,7 +122,8 @@ def build_task(sharded: bool):  # -> lightning.LightningModule
             fully_shard(self.net, mesh=mesh)
 
         def configure_optimizers(self) -> dict:
-            self.events.append(("configure_optimizers", [type(p).__name__ for p in self.parameters()]))
+            self.events.append(("configure_optimizers", [type(p).__name__ for p in self.parameters()],
+                                type(self.trainer.strategy.model).__name__))
             opt = manic.mechanize(torch.optim.AdamW(self.parameters(), lr=LR))
             opt.register_step_pre_hook(self._pre_step)
             opt.register_state_dict_pre_hook(lambda o: self.state_dict_callers.append(_callers()))
@@ -123,7 +132,12 @@ def build_task(sharded: bool):  # -> lightning.LightningModule
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
         def _pre_step(self, opt: Any, args: tuple, kwargs: dict) -> None:
-            self.step_kwargs.append(sorted(kwargs) + [f"arg{i}" for i in range(len(args))])
+            # args[0] is the optimizer itself (torch's step wrapper passes it through)
+            call = [f"{k}={'None' if v is None else type(v).__name__}" for k, v in sorted(kwargs.items())]
+            self.step_kwargs.append(call + [f"arg{i}" for i in range(1, len(args))])
+            if kwargs.get("closure", 0) is None and not args[1:]:
+                # not Lightning's training step: record who stepped (e.g. DSD's _init_optim_state)
+                self.other_steps.append(_callers())
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             if not self.events or self.events[-1][0] != "training_step":
@@ -135,8 +149,11 @@ def build_task(sharded: bool):  # -> lightning.LightningModule
             x, y = batch
             return F.mse_loss(self.net(x), y)
 
-        def on_train_batch_end(self, *args: Any) -> None:
-            self.scales.append(self.trainer.optimizers[0].scale.detach().clone())
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            opt = self.trainer.optimizers[0]
+            self.scales.append(opt.scale.detach().clone())
+            # (epoch, batch index, first input of the batch, the base LR the next step will use)
+            self.trace.append((self.current_epoch, batch_idx, batch[0][0, 0].item(), opt.param_groups[0]["lr"]))
 
         def on_save_checkpoint(self, checkpoint: dict) -> None:
             osd = checkpoint["optimizer_states"][0] if checkpoint.get("optimizer_states") else {}
@@ -178,7 +195,7 @@ def fit(mode: str, out: Path, max_steps: int, ckpt_path: str | None = None, call
                         enable_checkpointing=bool(callbacks), logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                         deterministic=True, default_root_dir=str(out))
-    trainer.fit(task, train_dataloaders=loader(), ckpt_path=ckpt_path)
+    trainer.fit(task, train_dataloaders=loader(1 if mode == "single" else 2), ckpt_path=ckpt_path)
     if save is not None:
         trainer.save_checkpoint(save)
     return summary(task, trainer)
@@ -194,11 +211,13 @@ def summary(task: Any, trainer: Any) -> dict:
         "scales": torch.stack(task.scales) if task.scales else torch.empty(0, dtype=torch.float64),
         "params": [full(p).clone() for p in params],
         "global_step": trainer.global_step,
+        "trace": task.trace,
         "lr": opt.param_groups[0]["lr"],
         "is_mechanized": type(opt).__name__,
         "events": task.events,
         "step_kwargs": task.step_kwargs[:2],
         "num_steps_seen": len(task.step_kwargs),
+        "other_steps": task.other_steps,
         "state_dict_callers": task.state_dict_callers,
         "load_state_dict_callers": task.load_state_dict_callers,
         "checkpoints": task.checkpoints,
@@ -223,11 +242,11 @@ def main(mode: str, out: Path) -> None:
 
     torch.set_num_threads(1)
     results = {}
-    mc = ModelCheckpoint(dirpath=str(out / "mc"), filename="half", every_n_train_steps=HALF, save_top_k=-1)
+    mc = ModelCheckpoint(dirpath=str(out / "mc"), filename="half-{step}", every_n_train_steps=HALF, save_top_k=-1)
     results["A"] = fit(mode, out, N, callbacks=(mc,))
     results["B"] = fit(mode, out, HALF, save=str(out / "stop.ckpt"))
     results["C"] = fit(mode, out, N, ckpt_path=str(out / "stop.ckpt"))
-    results["D"] = fit(mode, out, N, ckpt_path=str(out / "mc" / "half.ckpt"))
+    results["D"] = fit(mode, out, N, ckpt_path=str(out / "mc" / f"half-step={HALF}.ckpt"))
     results["world"] = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     results["ckpt_is_dir"] = (out / "stop.ckpt").is_dir()
     torch.save(results, out / f"rank{rank()}.pt")
