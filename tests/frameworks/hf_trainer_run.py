@@ -19,10 +19,10 @@ from torch.utils.data import Dataset
 
 import manic
 
-STEPS = 20
+STEPS = 40
 SAVE_AT = STEPS // 2
 BATCH = 4  # per device; 64 samples: 16 steps per epoch in one process, 8 per rank under DDP,
-# so that the checkpoint falls inside an epoch (Trainer skips the batches already seen)
+# so that the checkpoint falls inside an epoch (Trainer then skips the batches already seen)
 S_INIT = 1e-6
 LR = 1e-2
 
@@ -94,7 +94,7 @@ def run(out_dir: str, steps: int = STEPS, save_steps: int | None = None, resume:
         output_dir=out_dir, max_steps=steps, per_device_train_batch_size=BATCH, seed=42,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or steps,
         report_to=[], use_cpu=True, logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        **({"ddp_backend": "gloo"} if distributed else {}))
+        **({"ddp_backend": "gloo", "ddp_find_unused_parameters": False} if distributed else {}))
     record = _callback(opt)
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, sched), callbacks=[record])
     trainer.train(resume_from_checkpoint=resume)
