@@ -1,4 +1,4 @@
-"""An independent float64 NumPy reference of ALGORITHM.md, with NumPy base optimizers.
+"""An independent float64 NumPy reference of docs/algorithm.md, with NumPy base optimizers.
 
 Written from the specification, not from manic's code: the tests compare manic against it.
 Base optimizers return their update ``u`` exactly (torch's default hyperparameters).
@@ -68,7 +68,7 @@ class Adagrad:
 
 
 class Mechanic:
-    """ALGORITHM.md, one flat float64 vector of all parameters."""
+    """docs/algorithm.md, one flat float64 vector of all parameters."""
 
     def __init__(self, x, base, weight_decay=1e-2, eps=1e-8, s_init=1e-6, num_betas=6, store_delta=True):
         self.x = np.array(x, dtype=np.float64)

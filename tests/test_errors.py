@@ -348,7 +348,7 @@ def test_sparse_gradient_raises_at_step_and_changes_nothing(form, at):
 
 @pytest.mark.parametrize("store_delta", [True, False])
 def test_a_failed_first_step_does_not_pin_the_reference_point(store_delta):
-    """x_ref is the parameters at the first Mechanic step that happens (ALGORITHM.md: users load
+    """x_ref is the parameters at the first Mechanic step that happens (docs/algorithm.md: users load
     weights after building the optimizer). A first step rejected for a sparse gradient, after
     which the user loads other weights, must not leave x_ref at the old weights."""
     run, twin = Run(base="sgd", store_delta=store_delta), Run(base="sgd", store_delta=store_delta)

@@ -473,7 +473,7 @@ def test_add_param_group_brings_new_params_under_mechanic(store_delta, when, tmp
     opt.add_param_group({"params": [extra], "lr": 0.1})
     assert len(opt.param_groups) == 2 and opt.param_groups is opt.base_optimizer.param_groups
     ref = extra.detach().clone()  # its reference: its value when it joins
-    D = torch.zeros(5, dtype=F64)  # its accumulated base updates (ALGORITHM.md)
+    D = torch.zeros(5, dtype=F64)  # its accumulated base updates (docs/algorithm.md)
     for t in range(pre, pre + 6):
         x, S_old = extra.detach().clone(), opt.scale.clone()
         step(model, extra, opt, t, True)

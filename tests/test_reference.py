@@ -1,5 +1,5 @@
-"""manic (both forms) against the NumPy float64 reference of ALGORITHM.md, and the
-hand-checkable examples of ALGORITHM.md."""
+"""manic (both forms) against the NumPy float64 reference of docs/algorithm.md, and the
+hand-checkable examples of docs/algorithm.md."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_fixed_regime_goes_through_growth():
     assert final > 1e3 * 1e-6
 
 
-# ALGORITHM.md, "Numbers to sanity-check an implementation against (float64)".
+# docs/algorithm.md, "Worked examples (float64)".
 HAND = [
     # (num_betas, weight_decay, s_init, store_delta, expected sum(s) after steps 1..3, rel tol)
     (1, 0.0, 1e-8, False, [1e-8, 1e-8, 1.397452261670677e-8], 1e-7),
@@ -89,7 +89,7 @@ HAND_GRADS = [(1.0, 0.0), (-2.0, 1.0), (-1.0, 2.0)]
 
 @pytest.mark.parametrize("n,wd,s_init,store_delta,expected,tol", HAND)
 def test_hand_examples_reference(n, wd, s_init, store_delta, expected, tol):
-    """The NumPy reference itself reproduces ALGORITHM.md's numbers."""
+    """The NumPy reference itself reproduces docs/algorithm.md's numbers."""
     mech = ref.Mechanic([1.0, 2.0], ref.SGD(1.0), weight_decay=wd, eps=1e-8, s_init=s_init, num_betas=n,
                         store_delta=store_delta)
     for g, want in zip(HAND_GRADS, expected):

@@ -21,7 +21,7 @@ def _doc(text: str) -> dict[str, str]:
 class Options:
     """Mechanic's hyperparameters and options (keyword arguments of ``mechanize`` and ``Mechanic``)."""
 
-    # hyperparameters of the tuner (ALGORITHM: docs/algorithm.md)
+    # hyperparameters of the tuner (docs/algorithm.md)
     weight_decay: float = field(default=1e-2, metadata=_doc("Mechanic's own decay lambda"))
     eps: float = field(default=1e-8, metadata=_doc("numerical floor in the tuner"))
     s_init: float = field(default=1e-6, metadata=_doc("initial scale"))

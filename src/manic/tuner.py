@@ -1,4 +1,4 @@
-"""The Mechanic scale tuner: state and one update, in the notation of ALGORITHM.md.
+"""The Mechanic scale tuner: state and one update, in the notation of docs/algorithm.md.
 
 Everything here works on a handful of small tensors (length ``n``) that live on the
 parameters' device, so a step never waits for the device. Nothing here knows about
@@ -104,7 +104,7 @@ def update(state: TunerState, sums: Tensor, hyper: Hyper, beta: Tensor) -> tuple
     """One tuner update from the reduced global sums; returns (the new state, h, ok).
 
     ``sums`` holds <g, D>, <x, D>, ||g||^2, ||x||^2, where D is Delta (store_delta=True) or
-    x - x_ref (store_delta=False; the division by S + eps of ALGORITHM.md step 1 happens here).
+    x - x_ref (store_delta=False; the division by S + eps of docs/algorithm.md, "One step", happens here).
     A step whose sums are not finite leaves the state as it was and counts as skipped;
     the choice is made on the device, so no host sync happens.
     """

@@ -1,0 +1,107 @@
+"""Summary tables derived from the CSVs the benchmarks write (no training: seconds).
+
+    python benchmarks/report.py            # writes benchmarks/results/*_summary.md
+    python tools/sync_docs.py              # runs this, then refreshes README.md and docs/
+
+Every number the documentation quotes about these runs is in one of these files.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PEERS = {"prodigy", "dadapt_adam"}  # sweep a multiplier of their own estimate, not a learning rate
+NAMES = {"adamw": "AdamW", "manic_adamw": "manic over AdamW", "manic_sgd": "manic over SGD (momentum)",
+         "mechanic_pytorch_adamw": "mechanic-pytorch over AdamW", "schedulefree_adamw": "schedule-free AdamW",
+         "prodigy": "Prodigy (multiplier)", "dadapt_adam": "D-Adaptation Adam (multiplier)"}
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return "diverged" if not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def lr_sweep(path: Path) -> str:
+    rows = list(csv.DictReader(path.open()))
+    cell: dict[tuple[str, str, float], list[tuple[float, float]]] = defaultdict(list)
+    for r in rows:
+        cell[r["task"], r["method"], float(r["lr"])].append((float(r["val_loss"]), float(r["val_acc"])))
+    out = ["Seed means of the final validation loss (and accuracy for digits) at each point of the sweep. "
+           "Learning rates 1e-6 ... 1 for every method but Prodigy and D-Adaptation, which sweep a multiplier "
+           "1e-3 ... 1e3 of their own estimate (same column order). `diverged`: a seed ended non-finite.", ""]
+    for task in sorted({r["task"] for r in rows}):
+        methods = [m for m in NAMES if any(k[0] == task and k[1] == m for k in cell)]
+        for metric, idx, digits in (("val loss", 0, 2), ("val acc", 1, 3)):
+            if task != "digits" and metric == "val acc":
+                continue
+            out += [f"**{task}, {metric}**", "",
+                    "| method | " + " | ".join(f"lr 1e{e}" for e in range(-6, 1)) + " | range over the sweep |",
+                    "| --- " * 9 + "|"]
+            for m in methods:
+                lrs = sorted(lr for (t, mm, lr) in cell if t == task and mm == m)
+                means = [statistics.fmean(v[idx] for v in cell[task, m, lr]) for lr in lrs]
+                finite = [x for x in means if math.isfinite(x)]
+                span = f"{_fmt(min(finite), digits)} - {_fmt(max(finite), digits)}" if finite else ""
+                out.append(f"| {NAMES[m]} | " + " | ".join(_fmt(x, digits) for x in means) + f" | {span} |")
+            out.append("")
+        ramp = _ramp(rows, task)
+        if ramp:
+            out += [f"manic over AdamW on {task}, seed 0: {ramp}", ""]
+    return "\n".join(out)
+
+
+def _ramp(rows: list[dict[str, str]], task: str) -> str:
+    """Steps the scale needs to reach half of its final value, over the swept learning rates
+    (lr_sweep.py records the scale after steps 1, 11, 21, ...)."""
+    steps = []
+    for r in rows:
+        if r["task"] == task and r["method"] == "manic_adamw" and r["seed"] == "0" and r["scales"]:
+            s = [float(v) for v in r["scales"].split()]
+            steps.append(next(10 * i + 1 for i, v in enumerate(s) if v >= s[-1] / 2))
+    if not steps:
+        return ""
+    return (f"the scale first reaches half of its final value after {min(steps)} - {max(steps)} steps "
+            f"(median {statistics.median(steps):g}; recorded every 10 steps) of {10 * len(s)}, across the "
+            f"{len(steps)} learning rates.")
+
+
+def launcher(path: Path) -> str:
+    """The launcher's demo run, from its metrics.csv."""
+    rows = list(csv.DictReader(path.open()))
+    step = [int(r["step"]) for r in rows]
+    scale = [float(r["scale"]) for r in rows if r.get("scale")]
+    val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
+    lines = ["| step | " + " | ".join(str(s) for s in step[:: max(1, len(step) // 10)]) + " |",
+             "| --- " * (1 + len(step[:: max(1, len(step) // 10)])) + "|",
+             "| scale | " + " | ".join(f"{v:.3g}" for v in scale[:: max(1, len(step) // 10)]) + " |", ""]
+    top = max(range(len(scale)), key=scale.__getitem__)
+    lines.append(f"Scale: {scale[0]:.3g} at step {step[0]}, highest {scale[top]:.3g} at step {step[top]}, "
+                 f"{scale[-1]:.3g} at the last step ({step[-1]}).")
+    if val:
+        lines.append(f"Validation loss: {val[0][1]:.3f} at step {val[0][0]}, {val[-1][1]:.3f} at step {val[-1][0]}.")
+    return "\n".join(lines)
+
+
+def main(check: bool = False) -> list[str]:
+    """Write (or, with ``check``, compare) the summaries; return the stale ones."""
+    jobs = {"lr_sweep_summary.md": (lr_sweep, RESULTS / "lr_sweep.csv")}
+    for csv_path in sorted(RESULTS.glob("launcher_*.csv")):
+        jobs[f"{csv_path.stem}_summary.md"] = (launcher, csv_path)
+    stale = []
+    for name, (make, source) in jobs.items():
+        text = make(source).rstrip("\n") + f"\n\nDerived from {source.relative_to(RESULTS.parent.parent)} by " \
+                                           "benchmarks/report.py.\n"
+        target = RESULTS / name
+        if not target.exists() or target.read_text() != text:
+            stale.append(str(target.relative_to(RESULTS.parent.parent)))
+            if not check:
+                target.write_text(text)
+    return stale
+
+
+if __name__ == "__main__":
+    print("written:", ", ".join(main()) or "nothing changed")
