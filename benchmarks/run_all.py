@@ -1,5 +1,6 @@
 """Regenerate every benchmark: ``--quick`` runs each in its smallest mode (minutes on a laptop);
-without it, the full study whose tables and figures README shows.
+without it, the full study whose tables and figures the docs show. Then refresh the docs from the
+new results with ``python tools/sync_docs.py``.
 
     python benchmarks/run_all.py [--quick]
 """
