@@ -1,0 +1,406 @@
+"""manic.tuner: one Mechanic update checked against values derived by hand (docs/algorithm.md,
+"One step"), the non-finite skip, the betas, Hyper's validation and TunerState's helpers.
+
+Every expected number below is written out from the spec's formulas in plain Python floats,
+with the derivation beside it; none is copied from the implementation's output. float64
+throughout, compared to REL relative (a handful of roundings on either side).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from manic import tuner
+from manic.tuner import Hyper, TunerState
+
+F64 = torch.float64
+CPU = torch.device("cpu")
+REL = 1e-15
+EPS = 1e-8
+
+
+# --------------------------------------------------------------------------- helpers
+def state(r, m, v, s, step=0, skipped=0) -> TunerState:
+    t = lambda xs: torch.tensor(xs, dtype=F64)  # noqa: E731
+    c = lambda k: torch.tensor(k, dtype=torch.int64)  # noqa: E731
+    return TunerState(t(r), t(m), t(v), t(s), c(step), c(skipped))
+
+
+def sums(g_dot_d, x_dot_d=0.0, g_sq=1.0, x_sq=1.0) -> torch.Tensor:
+    return torch.tensor([g_dot_d, x_dot_d, g_sq, x_sq], dtype=F64)
+
+
+def beta(*bs) -> torch.Tensor:
+    return torch.tensor(bs, dtype=F64)
+
+
+def close(got: torch.Tensor | float, expected: list[float] | float) -> None:
+    got_list = got.tolist() if isinstance(got, torch.Tensor) else got
+    if not isinstance(got_list, list):
+        got_list, expected = [got_list], [expected]
+    assert len(got_list) == len(expected)
+    for g, e in zip(got_list, expected):
+        assert g == pytest.approx(e, rel=REL, abs=0), (got_list, expected)
+
+
+def check(st: TunerState, r, m, v, s, step, skipped) -> None:
+    close(st.r, r)
+    close(st.m, m)
+    close(st.v, v)
+    close(st.s, s)
+    assert st.step.item() == step and st.skipped.item() == skipped
+    assert st.step.dtype == torch.int64 and st.skipped.dtype == torch.int64
+
+
+class Syncs(TorchDispatchMode):
+    """Counts host syncs (item(), bool(), ... all dispatch to _local_scalar_dense)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def update(st, sm, hyper, b):
+    with Syncs() as mode:
+        out = tuner.update(st, sm, hyper, b)
+    assert mode.syncs == 0
+    return out
+
+
+# --------------------------------------------------------------------------- the update by hand
+def test_two_steps_n1_no_decay():
+    s0 = 1e-3
+    hy = Hyper(weight_decay=0.0, eps=EPS, s_init=s0, num_betas=1)
+    b = beta(0.9)
+    st = TunerState.fresh(hy, F64, CPU)
+
+    # step 1: h = <g,D> = 2 (lambda = 0: the decay term is 0 * S * |g|/(|x|+eps) * <x,D> = 0)
+    # hc = clamp(2, -0, 0) = 0   (old m = 0)
+    # m  = max(0.9 * 0, 2 + eps) = 2 + eps
+    # v  = 0.81 * 0 + 2^2 = 4
+    # r  = 0.9 * 0 - 0 * s0 = 0
+    # s  = (s0 / 1 * (2 + eps) + max(0, 0)) / (sqrt(4) + eps) = s0
+    st1, h, ok = update(st, sums(2.0, 5.0, 3.0, 7.0), hy, b)
+    close(h, 2.0)
+    assert ok.item() is True
+    check(st1, r=[0.0], m=[2 + EPS], v=[4.0], s=[s0 * (2 + EPS) / (2 + EPS)], step=1, skipped=0)
+
+    # step 2: h = -1
+    # hc = clamp(-1, -(2+eps), 2+eps) = -1
+    # m  = max(0.9 * (2 + eps), 1 + eps) = 0.9 * (2 + eps)
+    # v  = 0.81 * 4 + 1 = 4.24
+    # r  = 0.9 * 0 - (-1) * s0 = s0        (s before the step is s0)
+    # s  = (s0 * m + max(s0, 0)) / (sqrt(4.24) + eps)
+    st2, h, ok = update(st1, sums(-1.0), hy, b)
+    close(h, -1.0)
+    m2 = 0.9 * (2 + EPS)
+    check(st2, r=[s0], m=[m2], v=[0.81 * 4 + 1], s=[(s0 * m2 + s0) / (math.sqrt(4.24) + EPS)], step=2, skipped=0)
+
+    # the inputs are not touched: update returns a new state
+    check(st1, r=[0.0], m=[2 + EPS], v=[4.0], s=[s0], step=1, skipped=0)
+
+
+def test_clip_uses_old_m_and_r_is_stored_unclamped():
+    s0 = 1e-3
+    hy = Hyper(weight_decay=0.0, eps=EPS, s_init=s0, num_betas=1)
+    b = beta(0.9)
+    # before: r = 0, m = 1, v = 1, s = 0.5
+    st = state([0.0], [1.0], [1.0], [0.5], step=3)
+    # h = 3: hc = clamp(3, -1, 1) = 1 with the OLD m (the new m, 3 + eps, would give hc = 3)
+    # m  = max(0.9 * 1, 3 + eps) = 3 + eps
+    # v  = 0.81 * 1 + 9 = 9.81
+    # r  = 0.9 * 0 - 1 * 0.5 = -0.5      (with hc = 3 it would be -1.5)
+    # s  = (s0 * (3 + eps) + max(-0.5, 0)) / (sqrt(9.81) + eps) = s0 * (3 + eps) / (sqrt(9.81) + eps)
+    st1, h, ok = update(st, sums(3.0), hy, b)
+    close(h, 3.0)
+    check(st1, r=[-0.5], m=[3 + EPS], v=[9.81], s=[s0 * (3 + EPS) / (math.sqrt(9.81) + EPS)], step=4, skipped=0)
+
+    # r stays negative and stored as is: h = -0.1, inside [-m, m], so hc = -0.1
+    # r = 0.9 * (-0.5) - (-0.1) * s1 = -0.45 + 0.1 * s1  (still < 0: s = s0/n * m / (sqrt v + eps))
+    # m = max(0.9 * (3 + eps), 0.1 + eps) = 0.9 * (3 + eps);  v = 0.81 * 9.81 + 0.01
+    s1 = s0 * (3 + EPS) / (math.sqrt(9.81) + EPS)
+    st2, h, ok = update(st1, sums(-0.1), hy, b)
+    m2, v2 = 0.9 * (3 + EPS), 0.81 * 9.81 + 0.01
+    check(st2, r=[-0.45 + 0.1 * s1], m=[m2], v=[v2], s=[s0 * m2 / (math.sqrt(v2) + EPS)], step=5, skipped=0)
+
+
+def test_negative_h_clipped_to_minus_old_m():
+    hy = Hyper(weight_decay=0.0, eps=EPS, s_init=1e-3, num_betas=1)
+    # before: r = 0.2, m = 0.5, v = 2, s = 0.25; h = -4 -> hc = clamp(-4, -0.5, 0.5) = -0.5
+    # m = max(0.9 * 0.5, 4 + eps) = 4 + eps; v = 0.81 * 2 + 16 = 17.62
+    # r = 0.9 * 0.2 - (-0.5) * 0.25 = 0.18 + 0.125 = 0.305
+    # s = (1e-3 * (4 + eps) + 0.305) / (sqrt(17.62) + eps)
+    st1, h, _ = update(state([0.2], [0.5], [2.0], [0.25]), sums(-4.0), hy, beta(0.9))
+    close(h, -4.0)
+    check(st1, r=[0.9 * 0.2 + 0.5 * 0.25], m=[4 + EPS], v=[0.81 * 2 + 16],
+          s=[(1e-3 * (4 + EPS) + (0.9 * 0.2 + 0.5 * 0.25)) / (math.sqrt(17.62) + EPS)], step=1, skipped=0)
+
+
+def test_weight_decay_term_in_h():
+    # lambda = 0.5, n = 1, s = 0.25 so S = 0.25; sums: <g,D> = 1, <x,D> = 2, |g|^2 = 9, |x|^2 = 16
+    # h = 1 + 0.5 * 0.25 * 3 / (4 + eps) * 2 = 1 + 0.75 / (4 + eps)  (~1.1875, the decay adds ~19%)
+    hy = Hyper(weight_decay=0.5, eps=EPS, s_init=1e-3, num_betas=1)
+    st = state([0.0], [10.0], [1.0], [0.25])
+    st1, h, _ = update(st, sums(1.0, 2.0, 9.0, 16.0), hy, beta(0.9))
+    h_exp = 1 + 0.75 / (4 + EPS)
+    close(h, h_exp)
+    # the decay term must matter: without it h would be exactly 1
+    assert abs(h.item() - 1.0) > 0.18
+    # old m = 10 > h: hc = h;  m = max(9, h + eps) = 9;  v = 0.81 + h^2
+    # r = 0 - h * 0.25;  s = (1e-3 * 9 + max(r, 0)) / (sqrt(v) + eps) with r < 0
+    v_exp = 0.81 + h_exp * h_exp
+    check(st1, r=[-0.25 * h_exp], m=[9.0], v=[v_exp], s=[1e-3 * 9.0 / (math.sqrt(v_exp) + EPS)], step=1, skipped=0)
+
+    # the term's sign follows <x,D>: <x,D> = -2 gives h = 1 - 0.75 / (4 + eps)
+    _, h, _ = update(st, sums(1.0, -2.0, 9.0, 16.0), hy, beta(0.9))
+    close(h, 1 - 0.75 / (4 + EPS))
+    # and it scales with S: s = 0.5 doubles it
+    _, h, _ = update(state([0.0], [10.0], [1.0], [0.5]), sums(1.0, 2.0, 9.0, 16.0), hy, beta(0.9))
+    close(h, 1 + 1.5 / (4 + EPS))
+
+
+def test_weight_decay_with_zero_x():
+    # |x| = 0 and <x,D> = 0: the term is lambda * S * |g| / (0 + eps) * 0 = 0, no division by zero
+    hy = Hyper(weight_decay=0.5, eps=EPS, s_init=1e-3, num_betas=1)
+    _, h, ok = update(state([0.0], [1.0], [1.0], [0.25]), sums(0.3, 0.0, 4.0, 0.0), hy, beta(0.9))
+    close(h, 0.3)
+    assert ok.item() is True
+
+
+def test_recompute_form_divides_h_by_S_plus_eps():
+    # store_delta=False: sums hold <., x - x_ref>; h = (<g,D> + decay) / (S + eps)
+    # lambda = 0.5, S = 0.25: h = (1 + 0.75 / (4 + eps)) / (0.25 + eps)
+    hy = Hyper(weight_decay=0.5, eps=EPS, s_init=1e-3, num_betas=1, store_delta=False)
+    st1, h, _ = update(state([0.0], [10.0], [1.0], [0.25]), sums(1.0, 2.0, 9.0, 16.0), hy, beta(0.9))
+    h_exp = (1 + 0.75 / (4 + EPS)) / (0.25 + EPS)  # ~4.75
+    close(h, h_exp)
+    # old m = 10 > h: hc = h;  m = max(9, h + eps) = 9;  v = 0.81 + h^2;  r = -0.25 h < 0
+    v_exp = 0.81 + h_exp * h_exp
+    check(st1, r=[-0.25 * h_exp], m=[9.0], v=[v_exp], s=[1e-3 * 9.0 / (math.sqrt(v_exp) + EPS)], step=1, skipped=0)
+
+    # at the first step (x = x_ref) the sums of D vanish and h = 0 as in the stored form
+    hy0 = Hyper(weight_decay=0.5, eps=EPS, s_init=1e-3, num_betas=2, store_delta=False)
+    st, h, _ = update(TunerState.fresh(hy0, F64, CPU), sums(0.0, 0.0, 9.0, 16.0), hy0, beta(0.9, 0.99))
+    assert h.item() == 0.0
+    close(st.s, [1e-3 / 2 * EPS / EPS] * 2)
+
+
+def test_two_betas_and_s_init_over_n():
+    s0 = 1e-2
+    hy = Hyper(weight_decay=0.0, eps=EPS, s_init=s0, num_betas=2)
+    b = tuner.betas(2, F64, CPU)  # (0.9, 0.99)
+    st = TunerState.fresh(hy, F64, CPU)
+    close(st.s.sum(), 2 * s0)  # S = n * s_init before the first step
+
+    # step 1: D = 0, h = 0.  hc = 0;  m_i = max(0, 0 + eps) = eps;  v_i = 0;  r_i = 0
+    # s_i = (s0 / 2 * eps + 0) / (sqrt(0) + eps) = s0 / 2;  S = s0
+    st, h, _ = update(st, sums(0.0, 0.0, 4.0, 9.0), hy, b)
+    assert h.item() == 0.0
+    check(st, r=[0.0, 0.0], m=[EPS, EPS], v=[0.0, 0.0], s=[s0 / 2, s0 / 2], step=1, skipped=0)
+    close(st.s.sum(), s0)
+
+    # step 2: h = 2.  hc = clamp(2, -eps, eps) = eps
+    # m_i = max(beta_i * eps, 2 + eps) = 2 + eps;  v_i = 4
+    # r_i = beta_i * 0 - eps * s0 / 2 = -eps * s0 / 2   (negative, stored)
+    # s_i = (s0 / 2 * (2 + eps) + 0) / (2 + eps) = s0 / 2
+    st, h, _ = update(st, sums(2.0), hy, b)
+    r2 = -EPS * s0 / 2
+    check(st, r=[r2, r2], m=[2 + EPS] * 2, v=[4.0, 4.0], s=[s0 / 2, s0 / 2], step=2, skipped=0)
+
+    # step 3: h = -1.  hc_i = -1 (inside +-(2 + eps))
+    # m_i = max(beta_i * (2 + eps), 1 + eps) = beta_i * (2 + eps)       (1.8.., 1.98..)
+    # v_i = beta_i^2 * 4 + 1                                              (4.24, 4.9204)
+    # r_i = beta_i * r2 + s0 / 2
+    # s_i = (s0 / 2 * m_i + r_i) / (sqrt(v_i) + eps)   -- the two betas now differ
+    st, h, _ = update(st, sums(-1.0), hy, b)
+    m3 = [bi * (2 + EPS) for bi in (0.9, 0.99)]
+    v3 = [bi * bi * 4 + 1 for bi in (0.9, 0.99)]
+    r3 = [bi * r2 + s0 / 2 for bi in (0.9, 0.99)]
+    s3 = [(s0 / 2 * mi + ri) / (math.sqrt(vi) + EPS) for mi, vi, ri in zip(m3, v3, r3)]
+    check(st, r=r3, m=m3, v=v3, s=s3, step=3, skipped=0)
+    assert s3[0] != pytest.approx(s3[1], rel=1e-3)
+
+
+def test_decay_uses_S_the_sum_over_betas():
+    # n = 2, lambda = 0.1, s = (0.1, 0.3) so S = 0.4; <g,D> = -1, <x,D> = 5, |g| = 2, |x| = 1
+    # h = -1 + 0.1 * 0.4 * 2 / (1 + eps) * 5 = -1 + 0.4 / (1 + eps)  (~ -0.6)
+    hy = Hyper(weight_decay=0.1, eps=EPS, s_init=1e-2, num_betas=2)
+    st = state([0.05, -0.02], [0.3, 0.3], [1.0, 2.0], [0.1, 0.3])
+    st1, h, _ = update(st, sums(-1.0, 5.0, 4.0, 1.0), hy, beta(0.9, 0.99))
+    h_exp = -1 + 0.4 / (1 + EPS)
+    close(h, h_exp)
+    # hc = clamp(h, -0.3, 0.3) = -0.3 for both (|h| ~ 0.6 > 0.3)
+    # m_i = max(beta_i * 0.3, |h| + eps) = |h| + eps;  v_i = beta_i^2 * v_i + h^2
+    # r = (0.9 * 0.05 + 0.3 * 0.1, 0.99 * (-0.02) + 0.3 * 0.3) = (0.075, 0.0702)
+    # s_i = (0.01 / 2 * m_i + r_i) / (sqrt(v_i) + eps)
+    m1 = abs(h_exp) + EPS
+    v1 = [0.81 * 1 + h_exp ** 2, 0.99 * 0.99 * 2 + h_exp ** 2]
+    r1 = [0.9 * 0.05 + 0.3 * 0.1, 0.99 * -0.02 + 0.3 * 0.3]
+    s1 = [(0.01 / 2 * m1 + ri) / (math.sqrt(vi) + EPS) for vi, ri in zip(v1, r1)]
+    check(st1, r=r1, m=[m1, m1], v=v1, s=s1, step=1, skipped=0)
+
+
+# --------------------------------------------------------------------------- non-finite sums
+NONFINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("store_delta", [True, False])
+@pytest.mark.parametrize("pos", [tuner.G_DOT_D, tuner.X_DOT_D, tuner.G_SQ, tuner.X_SQ])
+@pytest.mark.parametrize("bad", NONFINITE, ids=["nan", "inf", "-inf"])
+def test_nonfinite_sum_skips_bitwise(pos, bad, store_delta):
+    hy = Hyper(weight_decay=0.1, eps=EPS, s_init=1e-3, num_betas=2, store_delta=store_delta)
+    st = state([0.05, -0.02], [0.3, 0.4], [1.0, 2.0], [0.1, 0.3], step=7, skipped=2)
+    before = {k: t.clone() for k, t in st.tensors().items()}
+    sm = sums(-1.0, 5.0, 4.0, 1.0)
+    sm[pos] = bad
+    new, h, ok = update(st, sm, hy, beta(0.9, 0.99))  # asserts no host sync
+    assert isinstance(ok, torch.Tensor) and ok.dtype == torch.bool and ok.dim() == 0
+    assert not ok.item()
+    for k in ("r", "m", "v", "s"):
+        assert torch.equal(getattr(new, k), before[k]), k  # bitwise the old values
+    assert new.step.item() == 7 and new.skipped.item() == 3
+    # the old state object itself is untouched
+    for k, t in st.tensors().items():
+        assert torch.equal(t, before[k]), k
+
+
+def test_overflow_in_new_state_skips():
+    # the sums are finite but h^2 overflows (h = 1e200 -> v = inf): skipped as well
+    hy = Hyper(weight_decay=0.0, eps=EPS, s_init=1e-3, num_betas=1)
+    st = state([0.1], [0.3], [1.0], [0.2], step=4, skipped=0)
+    new, h, ok = update(st, sums(1e200), hy, beta(0.9))
+    assert not ok.item() and math.isfinite(h.item())
+    assert torch.equal(new.v, st.v) and torch.equal(new.s, st.s) and torch.equal(new.r, st.r)
+    assert torch.equal(new.m, st.m)
+    assert new.step.item() == 4 and new.skipped.item() == 1
+
+
+def test_finite_step_counts_step_not_skipped():
+    hy = Hyper(num_betas=3)
+    st = TunerState.fresh(hy, F64, CPU)
+    new, _, ok = update(st, sums(0.0, 0.0, 1.0, 1.0), hy, tuner.betas(3, F64, CPU))
+    assert isinstance(ok, torch.Tensor) and ok.item() is True
+    assert new.step.item() == 1 and new.skipped.item() == 0
+
+
+# --------------------------------------------------------------------------- betas, Hyper, TunerState
+def test_betas_values():
+    b = tuner.betas(6, F64, CPU)
+    assert b.dtype == F64 and b.shape == (6,)
+    assert b.tolist() == [0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999]
+    assert tuner.betas(1, F64, CPU).tolist() == [0.9]
+    b32 = tuner.betas(3, torch.float32, CPU)
+    assert b32.dtype == torch.float32
+    assert torch.equal(b32, torch.tensor([0.9, 0.99, 0.999], dtype=torch.float32))
+
+
+def test_hyper_defaults():
+    h = Hyper()
+    assert (h.weight_decay, h.eps, h.s_init, h.num_betas, h.store_delta) == (1e-2, 1e-8, 1e-6, 6, True)
+
+
+@pytest.mark.parametrize("kwargs, exc, name", [
+    ({"num_betas": 0}, ValueError, "num_betas"),
+    ({"num_betas": -2}, ValueError, "num_betas"),
+    ({"num_betas": 1.5}, ValueError, "num_betas"),
+    ({"num_betas": True}, ValueError, "num_betas"),
+    ({"weight_decay": -0.1}, ValueError, "weight_decay"),
+    ({"weight_decay": float("nan")}, ValueError, "weight_decay"),
+    ({"weight_decay": float("inf")}, ValueError, "weight_decay"),
+    ({"weight_decay": "0.1"}, TypeError, "weight_decay"),
+    ({"weight_decay": True}, TypeError, "weight_decay"),
+    ({"eps": 0.0}, ValueError, "eps"),
+    ({"eps": -1e-8}, ValueError, "eps"),
+    ({"eps": float("-inf")}, ValueError, "eps"),
+    ({"eps": None}, TypeError, "eps"),
+    ({"s_init": 0.0}, ValueError, "s_init"),
+    ({"s_init": -1.0}, ValueError, "s_init"),
+    ({"s_init": float("nan")}, ValueError, "s_init"),
+    ({"s_init": torch.tensor(1e-6)}, TypeError, "s_init"),
+    ({"store_delta": 1}, TypeError, "store_delta"),
+    ({"store_delta": "yes"}, TypeError, "store_delta"),
+])
+def test_hyper_validation_names_the_argument(kwargs, exc, name):
+    with pytest.raises(exc) as info:
+        Hyper(**kwargs)
+    assert f"Invalid {name}" in str(info.value)
+
+
+def test_hyper_accepts_edge_values():
+    Hyper(weight_decay=0.0, eps=1e-30, s_init=1, num_betas=1, store_delta=False)  # int accepted as float
+
+
+def test_fresh():
+    hy = Hyper(s_init=1e-4, num_betas=3)
+    st = TunerState.fresh(hy, F64, CPU)
+    for k in ("r", "m", "v"):
+        t = getattr(st, k)
+        assert t.dtype == F64 and t.shape == (3,) and t.tolist() == [0.0] * 3
+    assert st.s.tolist() == [1e-4] * 3 and st.s.dtype == F64
+    assert st.step.dtype == torch.int64 and st.step.shape == () and st.step.item() == 0
+    assert st.skipped.dtype == torch.int64 and st.skipped.shape == () and st.skipped.item() == 0
+    # six distinct tensors (no aliasing between fields)
+    assert len({t.data_ptr() for t in st.tensors().values()}) == 6
+    assert list(st.tensors()) == ["r", "m", "v", "s", "step", "skipped"]
+    st32 = TunerState.fresh(hy, torch.float32, CPU)
+    assert st32.s.dtype == torch.float32 and st32.step.dtype == torch.int64
+
+
+def test_of_copies_and_casts():
+    src = {"r": torch.tensor([0.5, -0.25], dtype=torch.float32), "m": torch.tensor([1.0, 2.0], dtype=torch.float32),
+           "v": torch.tensor([3.0, 4.0], dtype=torch.float32), "s": torch.tensor([0.1, 0.2], dtype=torch.float32),
+           "step": torch.tensor(5.0), "skipped": torch.tensor(2, dtype=torch.int32)}
+    st = TunerState.of(src, F64, CPU)
+    for k in ("r", "m", "v", "s"):
+        t = getattr(st, k)
+        assert t.dtype == F64 and torch.equal(t, src[k].double())
+        assert t.data_ptr() != src[k].data_ptr()
+    assert st.step.dtype == torch.int64 and st.step.item() == 5
+    assert st.skipped.dtype == torch.int64 and st.skipped.item() == 2
+    # same dtype: still a copy, never an alias
+    src64 = {k: v.clone() for k, v in state([1.0], [2.0], [3.0], [4.0], 1, 0).tensors().items()}
+    st2 = TunerState.of(src64, F64, CPU)
+    for k, t in st2.tensors().items():
+        assert torch.equal(t, src64[k]) and t.data_ptr() != src64[k].data_ptr()
+    src64["s"].fill_(9.0)
+    assert st2.s.item() == 4.0
+    # a tensor that requires grad comes out detached
+    st3 = TunerState.of({**src64, "r": torch.tensor([1.0], dtype=F64, requires_grad=True)}, F64, CPU)
+    assert not st3.r.requires_grad
+
+
+def test_to():
+    st = state([0.5], [1.5], [2.5], [0.125], step=3, skipped=1)
+    assert st.to(F64, CPU) is st
+    st32 = st.to(torch.float32, CPU)
+    assert st32 is not st
+    assert st32.s.dtype == torch.float32 and st32.step.dtype == torch.int64
+    assert st32.r.tolist() == [0.5] and st32.m.tolist() == [1.5] and st32.v.tolist() == [2.5]
+    assert st32.s.tolist() == [0.125] and st32.step.item() == 3 and st32.skipped.item() == 1
+    st.s.fill_(7.0)  # a copy: the original's later changes do not show
+    assert st32.s.item() == 0.125
+
+
+def test_copy_in_place():
+    dst = state([0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0])
+    ptrs = {k: t.data_ptr() for k, t in dst.tensors().items()}
+    objs = {k: t for k, t in dst.tensors().items()}
+    src = state([1.0, -2.0], [3.0, 4.0], [5.0, 6.0], [0.1, 0.2], step=9, skipped=4)
+    dst.copy_(src)
+    for k, t in dst.tensors().items():
+        assert t is objs[k] and t.data_ptr() == ptrs[k]
+        assert torch.equal(t, getattr(src, k))
+    src.r.fill_(0.0)  # values, not aliases
+    assert dst.r.tolist() == [1.0, -2.0]
+    # copy_ from a float32 state casts into the float64 tensors
+    dst.copy_(src.to(torch.float32, CPU))
+    assert dst.r.dtype == F64 and dst.r.tolist() == [0.0, 0.0] and dst.step.item() == 9
