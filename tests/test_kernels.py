@@ -125,16 +125,8 @@ def test_partial_sums(kind):
         for out, which in ((eager, "eager"), (fusable, "fusable")):
             assert out.dtype == dtype and out.shape == (4,), (which, name)
             tol = torch.full((4,), sum_tol(dtype), dtype=F64)
-            if kind == "f32_f64tuner" and which == "eager":
-                # KNOWN BUG (src/manic/kernels.py, _dot): the eager <g,D> and <x,D> of float32 tensors
-                # are accumulated in float32 and only then cast to the float64 tuner dtype (the norms and
-                # the fusable body work in float64), so they carry float32 rounding. Held to float32's
-                # tolerance here; test_partial_sums_dots_in_tuner_dtype (strict xfail) pins the fix.
-                tol[:2] = sum_tol(F32)
             within(out, exp, tol, scale, f"{kind}/{name}/{which} vs float64")
         tol = torch.full((4,), sum_tol(dtype), dtype=F64)
-        if kind == "f32_f64tuner":
-            tol[:2] = sum_tol(F32)  # KNOWN BUG, as above: eager's dots are float32
         within(eager, fusable.double(), tol, scale, f"{kind}/{name} eager vs fusable")
         # inputs untouched
         for a, b in zip(g_ + gd_ + xs + ds, before):
@@ -158,8 +150,6 @@ def test_partial_sums_negate_flips_only_g_dot_d(fn):
     assert fn([g], [d], [True], [x], [d], F64, CPU).tolist() == [-11.0, 4.0, 25.0, 4.0]
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG: partial_sums_eager forms <g,D> and <x,D> of float32 "
-                   "tensors in float32 even when the tuner dtype is float64 (kernels._dot)")
 def test_partial_sums_dots_in_tuner_dtype():
     # float32 g = D = x = 0.1 (float32's 0.1 = 13421773 * 2**-27) over 1000 elements: in float64 the
     # dot is 1000 * (13421773 * 2**-27)**2 exactly representable to ~1e-16; float32 accumulation is off ~1e-7

@@ -16,11 +16,10 @@ from torch import Tensor
 from .compat import foreach_norm, foreach_sub_
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    if a.dtype != b.dtype:
-        wide = torch.promote_types(a.dtype, b.dtype)
-        a, b = a.to(wide), b.to(wide)
-    return torch.dot(a.reshape(-1), b.reshape(-1))
+def _dot(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """<a, b> accumulated in the wider of the inputs' dtypes and ``dtype`` (the tuner's)."""
+    wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), dtype)
+    return torch.dot(a.reshape(-1).to(wide), b.reshape(-1).to(wide))
 
 
 def partial_sums_eager(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: list[Tensor],
@@ -31,8 +30,8 @@ def partial_sums_eager(gs: list[Tensor], gds: list[Tensor], negate: list[bool], 
     def total(parts: list[Tensor]) -> Tensor:
         return torch.stack([t.to(dtype) for t in parts]).sum() if parts else zero
 
-    g_dot_d = [-_dot(g, d) if neg else _dot(g, d) for g, d, neg in zip(gs, gds, negate)]
-    x_dot_d = [_dot(x, d) for x, d in zip(xs, xds)]
+    g_dot_d = [-_dot(g, d, dtype) if neg else _dot(g, d, dtype) for g, d, neg in zip(gs, gds, negate)]
+    x_dot_d = [_dot(x, d, dtype) for x, d in zip(xs, xds)]
     g_sq = [n * n for n in foreach_norm(gs, 2, dtype=dtype)] if gs else []
     x_sq = [n * n for n in foreach_norm(xs, 2, dtype=dtype)] if xs else []
     return torch.stack([total(g_dot_d), total(x_dot_d), total(g_sq), total(x_sq)])
