@@ -258,3 +258,24 @@ def test_user_supplied_reducer_is_called_once_per_step_with_the_packed_sums():
         both.step()
     assert len(reducer.calls) == 20 and all(c.shape == (4,) for c in reducer.calls)
     torch.testing.assert_close(opt.scale, both.scale, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("form", ["dropin", "seed"])
+def test_stats_keys_are_stable_from_construction(form):
+    """The six documented keys before the first step (the last step's readouts are NaN then) and after."""
+    p = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    base = torch.optim.SGD([p], lr=0.1)
+    if form == "dropin":
+        opt = manic.mechanize(base)
+        step = opt.step
+    else:
+        updater = manic.Updater(base)
+        opt = manic.Mechanic(updater)
+        step = lambda: (opt.step(), updater.step())  # noqa: E731
+    keys = {"scale", "step", "skipped_steps", "h", "grad_norm", "param_norm"}
+    before = opt.stats()
+    assert set(before) == keys and all(before[k].isnan() for k in ("h", "grad_norm", "param_norm"))
+    p.grad = torch.ones(3, dtype=torch.float64)
+    step()
+    after = opt.stats()
+    assert set(after) == keys and after["grad_norm"].item() == pytest.approx(3 ** 0.5)
