@@ -73,11 +73,24 @@ HELP = {
 }
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help text does not state its default itself and
+    there is one to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="launch/train.py",
         description="Train a character-level GPT on Python's standard library with manic (Mechanic). "
-                    "Run with: torchrun --standalone --nproc-per-node 2 launch/train.py [options]",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "Run with: torchrun --standalone --nproc-per-node 2 launch/train.py [options]. "
+                    "Outputs, signals, locking, resume and retention: docs/launcher.md",
+        formatter_class=_Formatter)
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
