@@ -30,6 +30,7 @@ class Config:
     data_bytes: int = 4_000_000  # characters of the standard library's source to read
     ckpt_dir: str | None = None  # default: OUT_DIR/checkpoints
     ckpt_every: int = 100  # steps between checkpoints (0: only at the end and on SIGTERM)
+    keep_last: int = 3  # complete checkpoints kept (0: all); the one resumed from is kept as well
     resume: bool = False  # continue from the latest complete checkpoint in ckpt_dir
     log_every: int = 10  # steps between CSV rows / progress-bar updates
     eval_every: int = 100  # steps between validation losses
@@ -62,8 +63,11 @@ HELP = {
     "block_size": "context length in characters",
     "data_bytes": "characters of Python's standard-library source to train on (90%% train, 10%% validation)",
     "ckpt_dir": "checkpoint directory (default: OUT_DIR/checkpoints)",
-    "ckpt_every": "steps between checkpoints (0: only at the end and on SIGTERM)",
-    "resume": "continue from the latest complete checkpoint in the checkpoint directory",
+    "ckpt_every": "steps between checkpoints (0: only at the end and on SIGTERM / SIGINT)",
+    "keep_last": "keep the K newest complete checkpoints, delete older ones (0: keep all); the checkpoint "
+                 "a run resumed from is kept as well",
+    "resume": "continue from the latest complete checkpoint in the checkpoint directory (without one: "
+              "start from step 0); without --resume, a directory holding checkpoints is refused",
     "log_every": "steps between CSV rows and progress-bar updates",
     "eval_every": "steps between validation losses",
     "eval_batches": "batches per validation loss on each rank",
@@ -110,4 +114,6 @@ def parse(argv: list[str] | None = None) -> Config:
         raise SystemExit(f"--optimizer must be adamw, adam or sgd, got {cfg.optimizer!r}")
     if cfg.schedule not in ("cosine", "constant"):
         raise SystemExit(f"--schedule must be cosine or constant, got {cfg.schedule!r}")
+    if cfg.keep_last < 0:
+        raise SystemExit(f"--keep-last must be 0 (keep all) or more, got {cfg.keep_last}")
     return cfg

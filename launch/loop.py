@@ -1,11 +1,11 @@
-"""The training loop: steps, evaluation, logging, checkpoints, SIGTERM handling."""
+"""The training loop: start-up checks, steps, evaluation, logging, checkpoints, clean stops."""
 
 from __future__ import annotations
 
 import csv
-import os
-import threading
+import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -15,12 +15,13 @@ from torch.nn import functional as F
 
 import checkpoint
 import parallel
+import process
+import rundir
 from config import Config
 from data import CharData
 from model import GPT, GPTConfig
 
 FIELDS = ["step", "train_loss", "val_loss", "lr", "scale", "step_time"]
-STOP = threading.Event()  # set by the SIGTERM handler (train.py)
 
 
 def _val_loss(model: torch.nn.Module, data: CharData, cfg: Config, rank: int, device: torch.device) -> float:
@@ -45,27 +46,48 @@ def _metrics_file(out: Path, start: int) -> None:
         writer.writerows(rows)
 
 
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def train(cfg: Config, rank: int, world: int, device: torch.device, build_optimizer: Callable,
           lr_factor: Callable[[int], float]) -> int:
-    out = Path(cfg.out_dir)
-    ckpt_dir = Path(cfg.ckpt_dir) if cfg.ckpt_dir else out / "checkpoints"
-    (out / "pids").mkdir(parents=True, exist_ok=True)
-    (out / "pids" / f"rank{rank}.pid").write_text(str(os.getpid()))
+    out, ckpt_dir = rundir.dirs(cfg)
+    plan = None
+    if rank == 0:
+        plan = rundir.plan(cfg, process.command())
+        if plan["refused"]:
+            print(rundir.REFUSED + plan["refused"], file=sys.stderr, flush=True)
+    plan = parallel.share(plan)
+    if plan["refused"]:
+        return 1  # every rank, quietly: rank 0 said why
+    resume_from = Path(plan["resume"]) if plan["resume"] else None
+    start = plan["step"]
+    if rank == 0 and cfg.resume:
+        print(f"resuming from {resume_from} (step {start})" if resume_from else
+              f"no complete checkpoint in {ckpt_dir}: starting from step 0", flush=True)
     mode = cfg.parallel or ("fsdp2" if world > 1 else "none")
 
     torch.manual_seed(cfg.seed)
     data = CharData.load(cfg.data_bytes)
-    gpt = GPT(GPTConfig(data.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size))
+    gpt_cfg = GPTConfig(data.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size)
+    gpt = GPT(gpt_cfg)
     model = parallel.wrap(gpt, mode, world, device)
     opt = build_optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    start = 0
-    if cfg.resume:
-        path = checkpoint.latest(ckpt_dir)
-        if path is not None:
-            trainer = checkpoint.load(path, model, opt)
-            start = trainer["step"]
-            sched.load_state_dict(trainer["sched"])
+    last = {"train_loss": None, "val_loss": None, "scale": None}
+    if resume_from is not None and start >= cfg.steps:
+        # A finished run: its checkpoint is left as it is; only a missing final.pt is written.
+        if rank == 0:
+            print(f"already finished: {resume_from} is at step {start} (--steps {cfg.steps}); nothing to train",
+                  flush=True)
+        if not (out / "final.pt").exists():
+            checkpoint.load(resume_from, model, opt)
+            _final(model, opt, cfg, gpt_cfg, out, rank, start, last)
+        return 0
+    if resume_from is not None:
+        trainer = checkpoint.load(resume_from, model, opt)
+        sched.load_state_dict(trainer["sched"])
     if rank == 0:
         _metrics_file(out, start)
         print(f"manic launcher: {mode} on {world} x {device.type}, {sum(p.numel() for p in gpt.parameters()):,} "
@@ -76,58 +98,78 @@ def train(cfg: Config, rank: int, world: int, device: torch.device, build_optimi
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
 
+    saved = resume_from
+
     def save(step: int) -> None:
-        checkpoint.save(ckpt_dir, step, model, opt, {"step": step, "sched": sched.state_dict()})
+        nonlocal saved
+        saved = checkpoint.save(ckpt_dir, step, model, opt, {"step": step, "sched": sched.state_dict()})
+        if rank == 0:
+            rundir.prune(ckpt_dir, cfg.keep_last, keep=resume_from)
 
     tokens = cfg.batch_size * cfg.block_size * world
-    for step in range(start, cfg.steps):
-        if parallel.agree(STOP.is_set(), device):
-            save(step)
-            if rank == 0:
-                print(f"stopped by SIGTERM at step {step}; checkpoint saved", flush=True)
-            return 0
-        t0 = time.perf_counter()
-        x, y = data.batch("train", cfg.batch_size, cfg.block_size, cfg.seed, step, rank)
-        loss = F.cross_entropy(model(x.to(device)).flatten(0, 1), y.to(device).flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            dt = time.perf_counter() - t0
-            train_loss = parallel.mean(loss.item(), device)
-            val = _val_loss(model, data, cfg, rank, device) if done % cfg.eval_every == 0 or done == cfg.steps else None
-            scale = opt.scale.item() if hasattr(opt, "scale") else None
-            if rank == 0:
-                with open(out / "metrics.csv", "a", newline="") as f:
-                    csv.DictWriter(f, fieldnames=FIELDS).writerow(
-                        {"step": done, "train_loss": f"{train_loss:.5f}", "val_loss": "" if val is None else f"{val:.5f}",
-                         "lr": f"{opt.param_groups[0]['lr']:.6g}", "scale": "" if scale is None else f"{scale:.6g}",
-                         "step_time": f"{dt:.5f}"})
-                bar.set_postfix(loss=f"{train_loss:.3f}", scale=f"{scale:.3g}" if scale else "-",
-                                tok_s=f"{tokens / dt:,.0f}")
+    try:
+        for step in range(start, cfg.steps):
+            if parallel.agree(process.STOP.is_set(), device):
+                if saved is None or rundir.step_of(saved) != step:
+                    save(step)
+                if bar is not None:
+                    bar.close()
+                    why = " (the torchrun agent died)" if process.agent_died() else ""
+                    val = "" if last["val_loss"] is None else f", val loss {last['val_loss']:.3f}"
+                    print(f"stopped by signal at step {step}{why}{val}, checkpoint at {saved}, "
+                          f"resume with: {process.resume_command()}", flush=True)
+                return 0  # a clean, checkpointed stop: torchrun sees every worker succeed
+            t0 = time.perf_counter()
+            x, y = data.batch("train", cfg.batch_size, cfg.block_size, cfg.seed, step, rank)
+            loss = F.cross_entropy(model(x.to(device)).flatten(0, 1), y.to(device).flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                dt = time.perf_counter() - t0
+                train_loss = parallel.mean(loss.item(), device)
+                evaluate = done % cfg.eval_every == 0 or done == cfg.steps
+                val = _val_loss(model, data, cfg, rank, device) if evaluate else None
+                scale = opt.scale.item() if hasattr(opt, "scale") else None
+                last.update(train_loss=train_loss, scale=scale, **({} if val is None else {"val_loss": val}))
+                if rank == 0:
+                    with open(out / "metrics.csv", "a", newline="") as f:
+                        csv.DictWriter(f, fieldnames=FIELDS).writerow(
+                            {"step": done, "train_loss": f"{train_loss:.5f}",
+                             "val_loss": "" if val is None else f"{val:.5f}", "lr": f"{opt.param_groups[0]['lr']:.6g}",
+                             "scale": "" if scale is None else f"{scale:.6g}", "step_time": f"{dt:.5f}"})
+                    bar.set_postfix(loss=f"{train_loss:.3f}", val=_fmt(last["val_loss"]), scale=_fmt(scale, ".3g"),
+                                    tok_s=f"{tokens / dt:,.0f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps:
+                save(done)
+        save(cfg.steps)
+    finally:
         if bar is not None:
-            bar.update(1)
-        if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps:
-            save(done)
-    save(cfg.steps)
-    _final(model, opt, cfg, out, rank)
-    if bar is not None:
-        bar.close()
+            bar.close()  # before any closing line or traceback, so neither lands on the bar
+    _final(model, opt, cfg, gpt_cfg, out, rank, cfg.steps, last)
     return 0
 
 
-def _final(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config, out: Path, rank: int) -> None:
+def _final(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config, gpt_cfg: GPTConfig, out: Path, rank: int,
+           step: int, last: dict) -> None:
+    """final.pt: the whole model (unsharded, on CPU) and the run's last numbers; see docs/launcher.md."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         scale = opt.scale.item() if hasattr(opt, "scale") else None
-        torch.save({"model": full, "scale": scale, "steps": cfg.steps}, out / "final.pt")
-        from plot import plot
+        torch.save({"model": full, "model_config": asdict(gpt_cfg), "config": asdict(cfg), "steps": step,
+                    "scale": scale, "train_loss": last["train_loss"], "val_loss": last["val_loss"]}, out / "final.pt")
+        if (out / "metrics.csv").exists():
+            from plot import plot
 
-        plot(out)
-        print(f"done: {out / 'metrics.csv'}, {out / 'metrics.png'}, {out / 'final.pt'}", flush=True)
+            plot(out)
+        print(f"done: step {step}, train loss {_fmt(last['train_loss'])}, val loss {_fmt(last['val_loss'])}, "
+              f"scale {_fmt(scale, '.3g')}; wrote {out / 'metrics.csv'}, {out / 'metrics.png'}, {out / 'final.pt'}",
+              flush=True)
     if dist.is_initialized():
         dist.barrier()

@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import math
-import signal
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import process  # noqa: E402  (first: it notes the parent process before anything slow runs)
 from config import Config, parse  # noqa: E402
 
 
@@ -44,13 +45,14 @@ def lr_factor(cfg: Config):  # noqa: ANN201
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(argv)  # --help exits here, before torch.distributed is touched
+    # SIGTERM / SIGINT (torchrun forwards them to every worker) only set a flag: the ranks agree on
+    # it at the next step boundary and save one checkpoint together. Under torchrun, the agent's
+    # death sends this worker SIGTERM as well. Installed before torch is imported.
+    process.install_stop_handlers(under_torchrun="TORCHELASTIC_RUN_ID" in os.environ)
     import parallel
 
     import loop
 
-    # torchrun forwards SIGTERM to every worker. Only set a flag here: the ranks agree on it at
-    # the next step boundary and save one checkpoint together.
-    signal.signal(signal.SIGTERM, lambda signum, frame: loop.STOP.set())
     rank, world, device = parallel.setup(cfg.device, cfg.timeout)
     try:
         return loop.train(cfg, rank, world, device, build_optimizer, lr_factor(cfg))

@@ -1,12 +1,16 @@
-"""The launcher under real torchrun (2 CPU processes, gloo): end to end, kill -9 and resume,
-SIGTERM, resharded resume, --help, plot.py."""
+"""The launcher under real torchrun (2 CPU processes, gloo) and on one process: end to end, a killed
+worker and bitwise resume, resharded resume, clean stops (SIGTERM to run_local.sh, kill -9 of the
+torchrun agent), the directory lock, resume messages, retention, --help, plot.py."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +22,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "4", "--block-size", "32", "--batch-size", "8",
         "--data-bytes", "300000", "--s-init", "1e-4", "--log-every", "5", "--eval-every", "20", "--eval-batches", "2"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+# As a user runs it: the environment's python and torchrun first on PATH, warnings shown.
+USER_ENV = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+USER_ENV.pop("PYTHONWARNINGS", None)
+ENV = dict(USER_ENV, PYTHONWARNINGS="ignore")
+SINGLE_PROCESS_WARNING = "assuming the intent is to"  # DCP's, silenced by the launcher
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
@@ -26,13 +34,39 @@ def torchrun(nproc: int, *args: str) -> list[str]:
             str(ROOT / "launch" / "train.py"), *TINY, *args]
 
 
-def run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+def single(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "launch" / "train.py"), *TINY, *args]
+
+
+def run(cmd: list[str], timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def merged(cmd: list[str]) -> str:
+    """A run's stdout and stderr in one pipe, in the order a terminal shows them; it must succeed."""
+    done = subprocess.run(cmd, cwd=ROOT, env=USER_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:]
+    return done.stdout
+
+
+def start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
+    """A background run, stdout and stderr merged in order into ``log`` (no pipe to fill up)."""
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
 def rows(out: Path) -> list[dict]:
     with open(out / "metrics.csv") as f:
         return list(csv.DictReader(f))
+
+
+def last_step(out: Path) -> int:
+    """The newest step in a live run's metrics.csv (-1 while there is none)."""
+    try:
+        return max(int(r["step"]) for r in rows(out))
+    except (OSError, ValueError, TypeError):
+        return -1
 
 
 def final(out: Path) -> dict:
@@ -46,24 +80,95 @@ def same_final(a: Path, b: Path) -> None:
     assert all(torch.equal(fa["model"][k], fb["model"][k]) for k in fa["model"])
 
 
-def wait_for(predicate, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
+def wait_for(predicate, timeout: float = 120.0) -> float:
+    """Seconds until ``predicate()`` held."""
+    t0 = time.monotonic()
     while not predicate():
-        if time.monotonic() > deadline:
+        if time.monotonic() - t0 > timeout:
             raise TimeoutError("condition not reached")
         time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def _stat(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    return sorted(int(p.name) for p in Path("/proc").iterdir()
+                  if p.name.isdigit() and (_stat(int(p.name))[1:2] or [None])[0] == str(pid))
+
+
+def descendants(pid: int) -> list[int]:
+    out = []
+    for c in children(pid):
+        out += [c, *descendants(c)]
+    return out
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+
+
+def torchrun_agent(pid: int) -> int | None:
+    """The torchrun process among ``pid``'s descendants, once it has started its two workers."""
+    for d in descendants(pid):
+        if any(Path(a).name == "torchrun" for a in cmdline(d)[:2]) and len(children(d)) == 2:
+            return d
+    return None
+
+
+def local_rank(pid: int) -> int:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(e for e in environ if e.startswith(b"LOCAL_RANK=")).split(b"=")[1])
+
+
+def lines(text: str) -> list[str]:
+    return re.split(r"[\r\n]", text)
+
+
+def closing_line(text: str, prefix: str) -> str:
+    """The one line starting with ``prefix``: on a line of its own (not on the end of the
+    progress bar), and with no progress bar drawn after it."""
+    found = [ln for ln in text.split("\n") if ln.startswith(prefix)]
+    assert len(found) == 1, text[-3000:]
+    assert "train:" not in text[text.index(found[0]):], text[-3000:]
+    return found[0]
+
+
+STOPPED = re.compile(r"stopped by signal at step (\d+)( \(the torchrun agent died\))?(?:, val loss [\d.]+)?, "
+                     r"checkpoint at (\S+), resume with: (.+)")
 
 
 def test_help_without_distributed():
     done = run([sys.executable, "launch/train.py", "--help"], timeout=60)
     assert done.returncode == 0 and "--parallel" in done.stdout and "--resume" in done.stdout
+    assert "--keep-last" in done.stdout and "docs/launcher.md" in done.stdout
+    options = re.split(r"\n  (?=-)", done.stdout.split("options:")[1])
+    assert len(options) > 30
+    twice = [o.split()[0] for o in options if o.count("(default") > 1]
+    assert not twice, twice  # e.g. "(default: OUT_DIR/checkpoints) (default: None)"
+    wrapped = subprocess.run([str(ROOT / "launch" / "run_local.sh"), "--help"], cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=60)
+    assert wrapped.returncode == 0 and wrapped.stdout == done.stdout
 
 
 @pytest.mark.timeout(600)
 def test_end_to_end_kill_and_resume(tmp_path):
     """Uninterrupted run; a run whose worker is killed with -9 after a checkpoint; --resume of
     it: the final parameters and scale equal the uninterrupted run's bitwise."""
-    steps = ["--steps", "200", "--ckpt-every", "40"]
+    steps = ["--steps", "120", "--ckpt-every", "40", "--keep-last", "0"]
     full = tmp_path / "full"
     done = run(torchrun(2, *steps, "--out-dir", str(full)))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -71,13 +176,16 @@ def test_end_to_end_kill_and_resume(tmp_path):
     assert (full / "metrics.png").stat().st_size > 0 and (full / "checkpoints" / "step_00000040" / "COMPLETE").exists()
     assert float(metrics[-1]["train_loss"]) < 0.8 * float(metrics[0]["train_loss"])  # it learns
     assert float(metrics[-1]["scale"]) > 1e-3 and metrics[-1]["val_loss"]
+    f = final(full)
+    assert f["steps"] == 120 and f["val_loss"] == pytest.approx(float(metrics[-1]["val_loss"]), abs=1e-5)
+    assert f["model_config"]["n_layer"] == 2 and f["config"]["steps"] == 120
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(torchrun(2, *steps, "--out-dir", str(killed)), cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: (killed / "checkpoints" / "step_00000040" / "COMPLETE").exists())
-        os.kill(int((killed / "pids" / "rank1.pid").read_text()), signal.SIGKILL)
+        os.kill(next(w for w in children(proc.pid) if local_rank(w) == 1), signal.SIGKILL)
         rc = proc.wait(timeout=120)
     finally:
         proc.kill()
@@ -90,30 +198,120 @@ def test_end_to_end_kill_and_resume(tmp_path):
     # resuming the step-40 checkpoint on one process (DCP reshards 2 -> 1) works too
     one = tmp_path / "one"
     shutil.copytree(full / "checkpoints" / "step_00000040", one / "checkpoints" / "step_00000040")
-    done = run([sys.executable, str(ROOT / "launch" / "train.py"), *TINY, *steps, "--out-dir", str(one), "--resume"])
+    done = run(single(*steps, "--out-dir", str(one), "--resume"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert abs(float(rows(one)[-1]["val_loss"]) - float(metrics[-1]["val_loss"])) < 0.5
 
 
-@pytest.mark.timeout(300)
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+@pytest.mark.timeout(240)
+def test_signal_stop_lock_and_agent_death(tmp_path):
+    """run_local.sh: a second run into the held directory is refused naming the holder; SIGTERM
+    stops with one line and exit 0; the printed resume command resumes; kill -9 of its torchrun
+    agent stops the workers within seconds with a checkpoint; the directory is then free."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(torchrun(2, "--steps", "100000", "--ckpt-every", "0", "--out-dir", str(out)), cwd=ROOT,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpts = out / "checkpoints"
+    endless = [*TINY, "--steps", "100000", "--ckpt-every", "0"]
+    procs: list[subprocess.Popen] = []
+    workers: list[int] = []
     try:
-        wait_for(lambda: (out / "metrics.csv").exists() and len(rows(out)) >= 4)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
+        a = start([str(ROOT / "launch" / "run_local.sh"), *endless], tmp_path / "a.log",
+                  dict(USER_ENV, OUT_DIR=str(out), NPROC="2"))
+        procs.append(a)
+        wait_for(lambda: (out / ".lock").exists() and (out / ".lock").read_text().endswith("\n"))
+        holder = json.loads((out / ".lock").read_text())
+        agent = torchrun_agent(a.pid)
+        workers += children(agent)
+        assert holder["pid"] in workers and "run_local.sh" in holder["command"]
+
+        # A second run (plain torchrun, 2 ranks) into the held directory: one line, holder named.
+        b = run(torchrun(2, "--steps", "50", "--out-dir", str(out), "--resume"), env=USER_ENV)
+        wait_for(lambda: last_step(out) >= 5)
+        said = b.stdout + b.stderr
+        assert b.returncode != 0
+        assert said.count("refusing to start") == 1, said
+        assert f"{out.resolve()} is in use by pid {holder['pid']} on host {socket.gethostname()}" in said
+        assert "run_local.sh" in said and "manic launcher: fsdp2" not in said  # it did not start
+        assert said.count("Traceback") <= 1  # torchrun's own failure report; none from the workers
+        assert json.loads((out / ".lock").read_text()) == holder
+
+        # SIGTERM to the wrapper: one line, a complete checkpoint, exit 0.
+        a.send_signal(signal.SIGTERM)
+        assert a.wait(timeout=120) == 0
+        said = (tmp_path / "a.log").read_text()
+        assert "Traceback" not in said and "Error" not in said, said[-3000:]
+        stop = STOPPED.fullmatch(closing_line(said, "stopped by signal"))
+        n = int(stop[1])
+        assert stop[3] == str(ckpts / f"step_{n:08d}") and (ckpts / f"step_{n:08d}" / "COMPLETE").exists()
+        assert stop[2] is None and stop[4].endswith(" --resume") and "run_local.sh" in stop[4]
+
+        # The printed command resumes; kill -9 of its torchrun agent stops the workers with a checkpoint.
+        r = start(["bash", "-c", stop[4]], tmp_path / "r.log", USER_ENV)
+        procs.append(r)
+        wait_for(lambda: last_step(out) > n)
+        agent = torchrun_agent(r.pid)
+        workers += children(agent)
+        os.kill(agent, signal.SIGKILL)
+        gone = wait_for(lambda: not any(alive(w) for w in children(agent) + workers), timeout=30)
+        assert gone < 10, f"workers outlived their torchrun agent by {gone:.1f} s"
+        assert r.wait(timeout=30) == 128 + signal.SIGKILL  # run_local.sh passes on torchrun's fate
+        said = (tmp_path / "r.log").read_text()
+        assert f"resuming from {ckpts / f'step_{n:08d}'} (step {n})" in said
+        stop = STOPPED.fullmatch(closing_line(said, "stopped by signal"))
+        m = int(stop[1])
+        assert m > n and stop[2] and (ckpts / f"step_{m:08d}" / "COMPLETE").exists()
+
+        # No stale lock: the directory is free at once (the check run_local.sh makes before torchrun).
+        free = run([sys.executable, "launch/rundir.py", "--out-dir", str(out), "--resume"])
+        assert free.returncode == 0 and not free.stderr, free.stderr
     finally:
-        proc.kill()
-    # Every worker saved one checkpoint together and exited 0; torchrun itself reports the
-    # signal it received (its SignalException), so its own exit code is not 0.
-    assert "stopped by SIGTERM at step" in output
-    assert "exitcode" not in output or "exitcode  : 0" in output
-    ckpts = sorted((out / "checkpoints").glob("step_*"))
-    assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").exists()
-    step = int(ckpts[0].name.split("_")[1])
-    assert step >= 20
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for w in workers:
+            if alive(w):
+                os.kill(w, signal.SIGKILL)
+
+
+@pytest.mark.timeout(180)
+def test_resume_messages_retention_and_finished_run(tmp_path):
+    """One process: --resume into an empty directory says so; --keep-last keeps the newest complete
+    checkpoints and the one resumed from, and drops a checkpoint cut short; a finished run is left
+    as it is; without --resume, a directory with checkpoints is refused; DCP's single-process
+    warning is not shown; the progress display closes before the closing line."""
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    cut_short = ckpts / "step_00000001"
+    cut_short.mkdir(parents=True)
+    (cut_short / "__0_0.distcp").write_bytes(b"killed while writing")
+    every = ["--out-dir", str(out), "--ckpt-every", "3"]
+
+    def names() -> list[str]:
+        return sorted(p.name for p in ckpts.glob("step_*"))
+
+    first = merged(single(*every, "--steps", "12", "--keep-last", "2", "--resume"))
+    assert f"no complete checkpoint in {ckpts}: starting from step 0" in first
+    assert names() == ["step_00000009", "step_00000012"]
+    assert SINGLE_PROCESS_WARNING not in first
+    assert re.search(r"val=\d", first)  # the latest validation loss, in the bar
+    assert re.fullmatch(r"done: step 12, train loss [\d.]+, val loss [\d.]+, scale [\d.e-]+; wrote .*final\.pt",
+                        closing_line(first, "done:"))
+
+    refused = run([sys.executable, "launch/rundir.py", "--out-dir", str(out)])
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (f"manic launcher: refusing to start: {ckpts} holds checkpoints of an earlier "
+                                       "run (latest: step 12); add --resume to continue it, or remove them / choose "
+                                       "another --out-dir")
+
+    second = merged(single(*every, "--steps", "21", "--keep-last", "1", "--resume"))
+    assert f"resuming from {ckpts / 'step_00000012'} (step 12)" in second
+    assert names() == ["step_00000012", "step_00000021"]  # the newest, and the one resumed from
+    assert SINGLE_PROCESS_WARNING not in second
+
+    files = [*sorted((ckpts / "step_00000021").iterdir()), out / "final.pt", out / "metrics.csv"]
+    before = [(p, p.stat().st_mtime_ns) for p in files]
+    third = merged(single(*every, "--steps", "21", "--resume"))
+    assert f"already finished: {ckpts / 'step_00000021'} is at step 21" in third
+    assert [(p, p.stat().st_mtime_ns) for p in files] == before and names() == ["step_00000012", "step_00000021"]
 
 
 def test_plot_regenerates_png(tmp_path):
