@@ -67,7 +67,8 @@ HELP = {
     "keep_last": "keep the K newest complete checkpoints, delete older ones (0: keep all); the checkpoint "
                  "a run resumed from is kept as well",
     "resume": "continue from the latest complete checkpoint in the checkpoint directory (without one: "
-              "start from step 0); without --resume, a directory holding checkpoints is refused",
+              "start from step 0). Without --resume, a finished run in the directory is started over "
+              "(its checkpoints removed) and an unfinished one refused",
     "log_every": "steps between CSV rows and progress-bar updates",
     "eval_every": "steps between validation losses",
     "eval_batches": "batches per validation loss on each rank",

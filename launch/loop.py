@@ -58,6 +58,8 @@ def train(cfg: Config, rank: int, world: int, device: torch.device, build_optimi
         plan = rundir.plan(cfg, process.command())
         if plan["refused"]:
             print(rundir.REFUSED + plan["refused"], file=sys.stderr, flush=True)
+        elif plan["note"]:
+            print(plan["note"], flush=True)
     plan = parallel.share(plan)
     if plan["refused"]:
         return 1  # every rank, quietly: rank 0 said why

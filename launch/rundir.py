@@ -118,23 +118,38 @@ def dirs(cfg: object) -> tuple[Path, Path]:
     return out, Path(cfg.ckpt_dir) if cfg.ckpt_dir else out / "checkpoints"
 
 
+def finished(out: Path, last: Path) -> bool:
+    """The run that wrote ``last`` ended normally: final.pt is written after its last checkpoint."""
+    final = out / "final.pt"
+    return final.exists() and final.stat().st_mtime_ns >= (last / MARKER).stat().st_mtime_ns
+
+
 def plan(cfg: object, cmd: str, probe: bool = False) -> dict:
-    """Rank 0, before anything is written: take the directories' locks, refuse to start over an
-    earlier run's checkpoints without --resume, drop checkpoints cut short by a kill, and pick the
-    checkpoint to resume from. ``probe``: decide only (run_local.sh, before torchrun)."""
+    """Rank 0, before anything is written: take the directories' locks; without --resume, start
+    over a finished earlier run (its checkpoints removed) but refuse an unfinished one's; drop
+    checkpoints cut short by a kill; pick the checkpoint to resume from. ``probe``: decide only,
+    change nothing (run_local.sh, before torchrun)."""
     out, ckpt_dir = dirs(cfg)
     try:
         lock_dirs([out, ckpt_dir], cmd, probe=probe)
     except Busy as e:
         return {"refused": str(e)}
     last = latest(ckpt_dir)
+    note = None
     if last is not None and not cfg.resume:
-        return {"refused": f"{ckpt_dir} holds checkpoints of an earlier run (latest: step {step_of(last)}); "
-                           "add --resume to continue it, or remove them / choose another --out-dir"}
+        if not finished(out, last):
+            return {"refused": f"{ckpt_dir} holds the checkpoints of an unfinished run (latest: step {step_of(last)}); "
+                               "add --resume to continue it, or remove them / choose another --out-dir"}
+        note = (f"starting over: removed the finished earlier run's checkpoints (up to step {step_of(last)}) "
+                f"from {ckpt_dir}")
+        if not probe:
+            for p in complete(ckpt_dir):
+                remove(p)
+        last = None
     if not probe:
         for p in incomplete(ckpt_dir):
             remove(p)
-    return {"refused": None, "resume": str(last) if last else None, "step": step_of(last) if last else 0}
+    return {"refused": None, "note": note, "resume": str(last) if last else None, "step": step_of(last) if last else 0}
 
 
 REFUSED = "manic launcher: refusing to start: "

@@ -206,8 +206,9 @@ def test_end_to_end_kill_and_resume(tmp_path):
 @pytest.mark.timeout(240)
 def test_signal_stop_lock_and_agent_death(tmp_path):
     """run_local.sh: a second run into the held directory is refused naming the holder; SIGTERM
-    stops with one line and exit 0; the printed resume command resumes; kill -9 of its torchrun
-    agent stops the workers within seconds with a checkpoint; the directory is then free."""
+    stops with one line and exit 0; a run without --resume is then refused; the printed resume
+    command resumes; kill -9 of its torchrun agent stops the workers within seconds with a
+    checkpoint; the directory is then free."""
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
     endless = [*TINY, "--steps", "100000", "--ckpt-every", "0"]
@@ -243,6 +244,11 @@ def test_signal_stop_lock_and_agent_death(tmp_path):
         n = int(stop[1])
         assert stop[3] == str(ckpts / f"step_{n:08d}") and (ckpts / f"step_{n:08d}" / "COMPLETE").exists()
         assert stop[2] is None and stop[4].endswith(" --resume") and "run_local.sh" in stop[4]
+        # Without --resume, an unfinished run's directory is refused (here: the check before torchrun).
+        refused = run([sys.executable, "launch/rundir.py", "--out-dir", str(out)])
+        assert refused.returncode == 1 and refused.stderr.strip() == (
+            f"manic launcher: refusing to start: {ckpts} holds the checkpoints of an unfinished run (latest: step "
+            f"{n}); add --resume to continue it, or remove them / choose another --out-dir")
 
         # The printed command resumes; kill -9 of its torchrun agent stops the workers with a checkpoint.
         r = start(["bash", "-c", stop[4]], tmp_path / "r.log", USER_ENV)
@@ -276,8 +282,8 @@ def test_signal_stop_lock_and_agent_death(tmp_path):
 def test_resume_messages_retention_and_finished_run(tmp_path):
     """One process: --resume into an empty directory says so; --keep-last keeps the newest complete
     checkpoints and the one resumed from, and drops a checkpoint cut short; a finished run is left
-    as it is; without --resume, a directory with checkpoints is refused; DCP's single-process
-    warning is not shown; the progress display closes before the closing line."""
+    as it is by --resume and started over without it; DCP's single-process warning is not shown;
+    the progress display closes before the closing line."""
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
     cut_short = ckpts / "step_00000001"
@@ -296,12 +302,6 @@ def test_resume_messages_retention_and_finished_run(tmp_path):
     assert re.fullmatch(r"done: step 12, train loss [\d.]+, val loss [\d.]+, scale [\d.e-]+; wrote .*final\.pt",
                         closing_line(first, "done:"))
 
-    refused = run([sys.executable, "launch/rundir.py", "--out-dir", str(out)])
-    assert refused.returncode == 1
-    assert refused.stderr.strip() == (f"manic launcher: refusing to start: {ckpts} holds checkpoints of an earlier "
-                                       "run (latest: step 12); add --resume to continue it, or remove them / choose "
-                                       "another --out-dir")
-
     second = merged(single(*every, "--steps", "21", "--keep-last", "1", "--resume"))
     assert f"resuming from {ckpts / 'step_00000012'} (step 12)" in second
     assert names() == ["step_00000012", "step_00000021"]  # the newest, and the one resumed from
@@ -312,6 +312,11 @@ def test_resume_messages_retention_and_finished_run(tmp_path):
     third = merged(single(*every, "--steps", "21", "--resume"))
     assert f"already finished: {ckpts / 'step_00000021'} is at step 21" in third
     assert [(p, p.stat().st_mtime_ns) for p in files] == before and names() == ["step_00000012", "step_00000021"]
+
+    # Without --resume, a finished run is started over (an unfinished one is refused: the test above).
+    again = merged(single(*every, "--steps", "3"))
+    assert (f"starting over: removed the finished earlier run's checkpoints (up to step 21) from {ckpts}"
+            in again) and names() == ["step_00000003"] and len(rows(out)) == 1
 
 
 def test_plot_regenerates_png(tmp_path):
