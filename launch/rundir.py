@@ -53,6 +53,11 @@ def lock_dirs(dirs: list[Path], cmd: str, probe: bool = False) -> None:
             os.close(fd)
             raise Busy(f"{d} is in use by {holder}; wait for it to end, stop it (kill -TERM on that pid saves "
                        "a checkpoint), or choose another --out-dir / --ckpt-dir") from None
+        except OSError as e:  # a filesystem without flock (some network filesystems)
+            os.close(fd)
+            print(f"manic launcher: warning: cannot lock {d} ({e.strerror}); nothing keeps a second run out of it",
+                  file=sys.stderr, flush=True)
+            continue
         if probe:
             os.close(fd)
             continue
