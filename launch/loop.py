@@ -68,6 +68,12 @@ def train(cfg: Config, rank: int, world: int, device: torch.device, build_optimi
     if rank == 0 and cfg.resume:
         print(f"resuming from {resume_from} (step {start})" if resume_from else
               f"no complete checkpoint in {ckpt_dir}: starting from step 0", flush=True)
+    finished = resume_from is not None and start >= cfg.steps
+    if finished and rank == 0:
+        print(f"already finished: {resume_from} is at step {start} (--steps {cfg.steps}); nothing to train",
+              flush=True)
+    if finished and (out / "final.pt").exists():
+        return 0  # the run is left exactly as it was
     mode = cfg.parallel or ("fsdp2" if world > 1 else "none")
 
     torch.manual_seed(cfg.seed)
@@ -78,14 +84,9 @@ def train(cfg: Config, rank: int, world: int, device: torch.device, build_optimi
     opt = build_optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     last = {"train_loss": None, "val_loss": None, "scale": None}
-    if resume_from is not None and start >= cfg.steps:
-        # A finished run: its checkpoint is left as it is; only a missing final.pt is written.
-        if rank == 0:
-            print(f"already finished: {resume_from} is at step {start} (--steps {cfg.steps}); nothing to train",
-                  flush=True)
-        if not (out / "final.pt").exists():
-            checkpoint.load(resume_from, model, opt)
-            _final(model, opt, cfg, gpt_cfg, out, rank, start, last)
+    if finished:  # but final.pt is missing (a kill between the last checkpoint and it): write it
+        checkpoint.load(resume_from, model, opt)
+        _final(model, opt, cfg, gpt_cfg, out, rank, start, last)
         return 0
     if resume_from is not None:
         trainer = checkpoint.load(resume_from, model, opt)
