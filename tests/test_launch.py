@@ -164,6 +164,15 @@ def test_help_without_distributed():
     assert wrapped.returncode == 0 and wrapped.stdout == done.stdout
 
 
+def test_docs_list_every_option():
+    sys.path.insert(0, str(ROOT / "launch"))
+    from config import build_parser
+
+    doc = (ROOT / "docs" / "launcher.md").read_text()
+    options = [a.option_strings[0] for a in build_parser()._actions if a.option_strings[0] != "-h"]
+    assert [o for o in options if f"| `{o}`" not in doc] == []
+
+
 @pytest.mark.timeout(600)
 def test_end_to_end_kill_and_resume(tmp_path):
     """Uninterrupted run; a run whose worker is killed with -9 after a checkpoint; --resume of
@@ -179,6 +188,10 @@ def test_end_to_end_kill_and_resume(tmp_path):
     f = final(full)
     assert f["steps"] == 120 and f["val_loss"] == pytest.approx(float(metrics[-1]["val_loss"]), abs=1e-5)
     assert f["model_config"]["n_layer"] == 2 and f["config"]["steps"] == 120
+    sys.path.insert(0, str(ROOT / "launch"))
+    from model import GPT, GPTConfig  # final.pt rebuilds the model as docs/launcher.md says
+
+    GPT(GPTConfig(**f["model_config"])).load_state_dict(f["model"])
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(torchrun(2, *steps, "--out-dir", str(killed)), cwd=ROOT, env=ENV,
