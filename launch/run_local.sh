@@ -18,7 +18,7 @@ export MANIC_COMMAND="${MANIC_COMMAND% }"
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 args=(--out-dir "$out" "$@")
-# What the workers would refuse (a directory a live run holds, an earlier run's checkpoints
+# What the workers would refuse (a directory a live run holds, an unfinished run's checkpoints
 # without --resume), refused here in one line, before torchrun starts. With --help: the help.
 python3 launch/rundir.py "${args[@]}"
 for a in "$@"; do
@@ -67,6 +67,7 @@ if os.getppid() != int(sys.argv[1]):
 os.execvp(sys.argv[2], sys.argv[2:])
 ' "$$" torchrun --standalone --nproc-per-node "$nproc" launch/train.py "${args[@]}" &
 agent=$!
+[ "$stops" -eq 0 ] || stop # a signal that came before torchrun did
 
 rc=""
 while :; do
