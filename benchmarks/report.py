@@ -25,8 +25,8 @@ def _fmt(x: float, digits: int = 2) -> str:
     return "diverged" if not math.isfinite(x) else f"{x:.{digits}f}"
 
 
-def lr_sweep(path: Path) -> str:
-    rows = list(csv.DictReader(path.open()))
+def lr_sweep(path: Path, tasks: tuple[str, ...] = ()) -> str:
+    rows = [r for r in csv.DictReader(path.open()) if not tasks or r["task"] in tasks]
     cell: dict[tuple[str, str, float], list[tuple[float, float]]] = defaultdict(list)
     for r in rows:
         cell[r["task"], r["method"], float(r["lr"])].append((float(r["val_loss"]), float(r["val_acc"])))
@@ -88,7 +88,8 @@ def launcher(path: Path) -> str:
 
 def main(check: bool = False) -> list[str]:
     """Write (or, with ``check``, compare) the summaries; return the stale ones."""
-    jobs = {"lr_sweep_summary.md": (lr_sweep, RESULTS / "lr_sweep.csv")}
+    jobs = {"lr_sweep_summary.md": (lr_sweep, RESULTS / "lr_sweep.csv"),
+            "lr_sweep_charlm.md": (lambda p: lr_sweep(p, ("charlm",)), RESULTS / "lr_sweep.csv")}
     for csv_path in sorted(RESULTS.glob("launcher_*.csv")):
         jobs[f"{csv_path.stem}_summary.md"] = (launcher, csv_path)
     stale = []
