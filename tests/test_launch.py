@@ -151,6 +151,7 @@ STOPPED = re.compile(r"stopped by signal at step (\d+)( \(the torchrun agent die
                      r"checkpoint at (\S+), resume with: (.+)")
 
 
+@pytest.mark.timeout(60)
 def test_help_without_distributed():
     done = run([sys.executable, "launch/train.py", "--help"], timeout=60)
     assert done.returncode == 0 and "--parallel" in done.stdout and "--resume" in done.stdout
@@ -164,6 +165,7 @@ def test_help_without_distributed():
     assert wrapped.returncode == 0 and wrapped.stdout == done.stdout
 
 
+@pytest.mark.timeout(60)
 def test_docs_list_every_option():
     sys.path.insert(0, str(ROOT / "launch"))
     from config import build_parser
@@ -332,6 +334,7 @@ def test_resume_messages_retention_and_finished_run(tmp_path):
             in again) and names() == ["step_00000003"] and len(rows(out)) == 1
 
 
+@pytest.mark.timeout(60)
 def test_plot_regenerates_png(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
