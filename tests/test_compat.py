@@ -88,7 +88,16 @@ def test_step_with_own_hooks():
 
 def test_local_on_a_plain_tensor():
     t = torch.ones(3)
-    assert compat.local(t) is t
+    assert compat.local(t) is t and not compat.is_dtensor(t)
+
+
+def test_is_dtensor_needs_no_import():
+    """``import manic`` does not load torch.distributed.tensor (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = "import sys, manic; print('torch.distributed.tensor' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
 def _distributed_checks(rank: int, world: int) -> dict:
@@ -100,7 +109,7 @@ def _distributed_checks(rank: int, world: int) -> dict:
     out = {}
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
     d = distribute_tensor(torch.arange(4.0), mesh, [Shard(0)])
-    out["local"] = compat.local(d).tolist()
+    out["local"] = compat.local(d).tolist() if compat.is_dtensor(d) else None
     mesh2 = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "tp"))
     out["root_mesh"] = compat.root_mesh(mesh2["dp"]) == mesh2 and compat.root_mesh(mesh2) == mesh2
     from torch.distributed.tensor.placement_types import _StridedShard

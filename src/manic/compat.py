@@ -6,15 +6,11 @@ release that changes one of these fails one named test instead of a distant symp
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
-
-try:  # DTensor parameters (FSDP2, TP): Mechanic works on the local shard.
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = ()  # type: ignore[assignment,misc]
 
 # torch.compile must not trace into (de)serialisation; torch.optim uses the same decorator.
 disable_dynamo: Callable[[Callable], Callable] = torch._disable_dynamo
@@ -25,9 +21,16 @@ foreach_sub = torch._foreach_sub
 foreach_sub_ = torch._foreach_sub_
 
 
+def is_dtensor(t: Any) -> bool:
+    """True for a DTensor (FSDP2, TP parameters). Without importing torch.distributed.tensor
+    (a second at start-up): no DTensor can exist before that module is loaded."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def local(t: Tensor) -> Tensor:
     """The part of ``t`` this rank holds."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def is_fsdp1_flat(p: Tensor) -> bool:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import kernels, tuner
-from .compat import DTensor, foreach_sub, local
+from .compat import foreach_sub, is_dtensor, local
 from .layout import Buffers, Layout, bind, carry
 from .options import Options
 from .reduce import check_config
@@ -320,7 +320,7 @@ class Engine:
 
     def _placed(self, p: Tensor, key: str, value: Tensor) -> Tensor:
         dtype = self._ref_dtype(p) if key == REF else delta_dtype(p.dtype)
-        if isinstance(p, DTensor) and not isinstance(value, DTensor):
+        if is_dtensor(p) and not is_dtensor(value):
             raise ValueError(f"Checkpoint {key} is a plain tensor but its parameter is a DTensor; "
                              "load sharded state with torch.distributed.checkpoint")
         return value.detach().to(device=p.device, dtype=dtype, copy=True)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .compat import DTensor, local
+from .compat import is_dtensor, local
 from .reduce import NoReduce, Reducer, detect
 
 Buffers = dict[str, Tensor]  # mechanic_ref (and mechanic_delta) of one parameter
@@ -26,7 +26,7 @@ Buffers = dict[str, Tensor]  # mechanic_ref (and mechanic_delta) of one paramete
 def _signature(p: Tensor) -> tuple:
     """What must agree for Mechanic's buffers to move from one tensor to its replacement."""
     placement = None
-    if isinstance(p, DTensor):
+    if is_dtensor(p):
         mesh = p.device_mesh
         placement = (tuple(map(str, p.placements)), tuple(mesh.mesh.flatten().tolist()), mesh.mesh_dim_names)
     return tuple(p.shape), tuple(local(p).shape), p.dtype, local(p).device, placement

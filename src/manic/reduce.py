@@ -17,7 +17,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch.distributed as dist
 from torch import Tensor
 
-from .compat import DTensor, is_fsdp1_flat, is_strided_shard, root_mesh
+from .compat import is_dtensor, is_fsdp1_flat, is_strided_shard, root_mesh
 
 
 @runtime_checkable
@@ -95,7 +95,7 @@ def detect(params: Sequence[Tensor], process_group: Any = None, device_mesh: Any
     """(reducer, whether this rank adds each parameter to the sums)."""
     if process_group is not None and device_mesh is not None:
         raise ValueError("Pass process_group= or device_mesh=, not both")
-    dtensors = [p for p in params if isinstance(p, DTensor)]
+    dtensors = [p for p in params if is_dtensor(p)]
     if device_mesh is not None or dtensors:
         # Work on the root mesh: FSDP2 + TP puts some parameters on a (dp, tp) mesh and
         # others on its dp slice, which are replicated over tp.
