@@ -1,9 +1,18 @@
-"""Command-line options of the launcher, as one documented dataclass."""
+"""Command-line options of the launcher, as one documented dataclass; Mechanic's own options
+come from ``manic.Options`` (the defaults and checks the library uses, written once)."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
+
+from manic import Options
+
+# Mechanic's options the launcher exposes, and their flag names where the plain one would clash
+# with the base optimizer's (--weight-decay); the reducer options are chosen by --parallel.
+MECHANIC_FLAGS = {"weight_decay": "mechanic_weight_decay", "eps": "mechanic_eps", "s_init": "s_init",
+                  "num_betas": "num_betas", "store_delta": "store_delta", "skip_nonfinite": "skip_nonfinite",
+                  "compile": "compile", "fp32_reference": "fp32_reference"}
 
 
 @dataclass
@@ -15,11 +24,7 @@ class Config:
     warmup: int = 20  # warmup steps
     weight_decay: float = 0.0  # the base optimizer's weight decay
     mechanic: bool = True  # wrap the base optimizer with manic.mechanize
-    mechanic_weight_decay: float = 1e-2  # Mechanic's own decay (lambda)
-    mechanic_eps: float = 1e-8
-    s_init: float = 1e-6
-    num_betas: int = 6
-    store_delta: bool = True
+    mechanic_options: Options = field(default_factory=Options)  # flags: MECHANIC_FLAGS
     steps: int = 500  # optimizer steps in total
     batch_size: int = 16  # sequences per rank and step
     seed: int = 0
@@ -49,11 +54,6 @@ HELP = {
     "warmup": "linear warmup steps",
     "weight_decay": "the base optimizer's weight decay",
     "mechanic": "tune the learning-rate scale with Mechanic (--no-mechanic: the base optimizer alone)",
-    "mechanic_weight_decay": "Mechanic's own weight decay (lambda)",
-    "mechanic_eps": "Mechanic's eps",
-    "s_init": "Mechanic's initial scale",
-    "num_betas": "number of Mechanic's betas (1 - 10^-i)",
-    "store_delta": "keep Mechanic's accumulated direction as state (--no-store-delta: one buffer lighter)",
     "steps": "optimizer steps in total",
     "batch_size": "sequences per rank and step",
     "seed": "seed of the model's initialisation and of the batches",
@@ -97,18 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
                     "Outputs, signals, locking, resume and retention: docs/launcher.md",
         formatter_class=_Formatter)
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
-            continue
-        kind = {"float": float, "int": int}.get(str(f.type), str)
-        parser.add_argument(flag, type=kind, default=f.default, help=HELP[f.name])
+        if f.name != "mechanic_options":
+            _add(parser, f.name, f.type, f.default, HELP[f.name])
+    group = parser.add_argument_group("Mechanic (the keywords of manic.mechanize; docs/options.md)")
+    for f in fields(Options):
+        if f.name in MECHANIC_FLAGS:
+            _add(group, MECHANIC_FLAGS[f.name], f.type, f.default, f"Mechanic's {f.name}: {f.metadata['doc']}")
     return parser
 
 
+def _add(parser: argparse._ActionsContainer, name: str, kind: object, default: object, text: str) -> None:
+    assert default is not MISSING
+    flag = "--" + name.replace("_", "-")
+    if kind in (bool, "bool"):
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+    else:
+        parser.add_argument(flag, type={"float": float, "int": int}.get(str(kind), str), default=default, help=text)
+
+
 def parse(argv: list[str] | None = None) -> Config:
-    args = build_parser().parse_args(argv)
-    cfg = Config(**vars(args))
+    args = vars(build_parser().parse_args(argv))
+    try:
+        options = Options(**{name: args.pop(flag) for name, flag in MECHANIC_FLAGS.items()})
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"launch/train.py: {e}") from None
+    cfg = Config(**args, mechanic_options=options)
     if cfg.parallel not in (None, "none", "ddp", "fsdp2", "fsdp1", "hsdp"):
         raise SystemExit(f"--parallel must be none, ddp, fsdp2, fsdp1 or hsdp, got {cfg.parallel!r}")
     if cfg.optimizer not in ("adamw", "adam", "sgd"):

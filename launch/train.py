@@ -30,8 +30,7 @@ def build_optimizer(cfg: Config, model):  # noqa: ANN001, ANN201
         return base
     import manic
 
-    return manic.mechanize(base, weight_decay=cfg.mechanic_weight_decay, eps=cfg.mechanic_eps, s_init=cfg.s_init,
-                           num_betas=cfg.num_betas, store_delta=cfg.store_delta)
+    return manic.Mechanized(base, cfg.mechanic_options)
 
 
 def lr_factor(cfg: Config):  # noqa: ANN201
@@ -44,11 +43,12 @@ def lr_factor(cfg: Config):  # noqa: ANN201
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(argv)  # --help exits here, before torch.distributed is touched
     # SIGTERM / SIGINT (torchrun forwards them to every worker) only set a flag: the ranks agree on
     # it at the next step boundary and save one checkpoint together. Under torchrun, the agent's
-    # death sends this worker SIGTERM as well. Installed before torch is imported.
+    # death sends this worker SIGTERM as well. Installed before torch is imported (parse imports
+    # manic for its options).
     process.install_stop_handlers(under_torchrun="TORCHELASTIC_RUN_ID" in os.environ)
+    cfg = parse(argv)  # --help exits here, before torch.distributed is touched
     import parallel
 
     import loop

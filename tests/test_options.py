@@ -74,3 +74,20 @@ def test_options_are_frozen_and_validated_once():
     with pytest.raises(TypeError, match="unexpected keyword.*lr"):
         Options.from_kwargs("mechanize", {"lr": 1.0})
     assert NAMES[:5] == ("weight_decay", "eps", "s_init", "num_betas", "store_delta")
+
+
+def test_the_launcher_builds_its_mechanic_options_from_options():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import config
+    finally:
+        sys.path.pop(0)
+    assert config.parse([]).mechanic_options == Options()
+    cfg = config.parse(["--s-init", "1e-4", "--no-store-delta", "--mechanic-eps", "1e-7", "--compile"])
+    assert cfg.mechanic_options == Options(s_init=1e-4, store_delta=False, eps=1e-7, compile=True)
+    assert set(config.MECHANIC_FLAGS) == {f.name for f in dataclasses.fields(Options)} - {
+        "reducer", "process_group", "device_mesh"}
+    with pytest.raises(SystemExit, match="s_init"):
+        config.parse(["--s-init", "-1"])
