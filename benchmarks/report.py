@@ -70,20 +70,26 @@ def _ramp(rows: list[dict[str, str]], task: str) -> str:
 
 
 def launcher(path: Path) -> str:
-    """The launcher's demo run, from its metrics.csv."""
+    """The launcher's default job with Mechanic (``path``) and with the base optimizer alone (``*_adamw.csv``)."""
     rows = list(csv.DictReader(path.open()))
-    step = [int(r["step"]) for r in rows]
-    scale = [float(r["scale"]) for r in rows if r.get("scale")]
-    val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
-    lines = ["| step | " + " | ".join(str(s) for s in step[:: max(1, len(step) // 10)]) + " |",
-             "| --- " * (1 + len(step[:: max(1, len(step) // 10)])) + "|",
-             "| scale | " + " | ".join(f"{v:.3g}" for v in scale[:: max(1, len(step) // 10)]) + " |", ""]
-    top = max(range(len(scale)), key=scale.__getitem__)
-    lines.append(f"Scale: {scale[0]:.3g} at step {step[0]}, highest {scale[top]:.3g} at step {step[top]}, "
-                 f"{scale[-1]:.3g} at the last step ({step[-1]}).")
-    if val:
-        lines.append(f"Validation loss: {val[0][1]:.3f} at step {val[0][0]}, {val[-1][1]:.3f} at step {val[-1][0]}.")
-    return "\n".join(lines)
+    alone = path.with_name(path.stem + "_adamw.csv")
+    base = {r["step"]: r for r in csv.DictReader(alone.open())} if alone.exists() else {}
+    scale = {int(r["step"]): float(r["scale"]) for r in rows if r.get("scale")}
+    marks = [s for s in (10, 20, 40, 60, 80, 100, 150, 200, 300, 400, 500) if s in scale]
+    out = ["| step | " + " | ".join(map(str, marks)) + " |", "| --- " * (len(marks) + 1) + "|",
+           "| scale | " + " | ".join(f"{scale[s]:.3g}" for s in marks) + " |", ""]
+    steps = sorted(scale)
+    first = next((s for s in steps if scale[s] >= 0.1), None)
+    top = max(steps, key=scale.__getitem__)
+    out.append(f"Scale: {scale[steps[0]]:.3g} at step {steps[0]}; first at or above 0.1 at step {first}; highest "
+               f"{scale[top]:.3g} at step {top}; {scale[steps[-1]]:.3g} at the last step ({steps[-1]}).")
+    out += ["", "| step | validation loss, manic | validation loss, base optimizer alone |", "| --- | --- | --- |"]
+    for r in rows:
+        if r.get("val_loss"):
+            other = base.get(r["step"], {}).get("val_loss") or ""
+            out.append(f"| {r['step']} | {float(r['val_loss']):.3f} | {float(other):.3f} |" if other
+                       else f"| {r['step']} | {float(r['val_loss']):.3f} | |")
+    return "\n".join(out)
 
 
 def main(check: bool = False) -> list[str]:
@@ -91,7 +97,8 @@ def main(check: bool = False) -> list[str]:
     jobs = {"lr_sweep_summary.md": (lr_sweep, RESULTS / "lr_sweep.csv"),
             "lr_sweep_charlm.md": (lambda p: lr_sweep(p, ("charlm",)), RESULTS / "lr_sweep.csv")}
     for csv_path in sorted(RESULTS.glob("launcher_*.csv")):
-        jobs[f"{csv_path.stem}_summary.md"] = (launcher, csv_path)
+        if not csv_path.stem.endswith(("_adamw", "_quick")):
+            jobs[f"{csv_path.stem}_summary.md"] = (launcher, csv_path)
     stale = []
     for name, (make, source) in jobs.items():
         text = make(source).rstrip("\n") + f"\n\nDerived from {source.relative_to(RESULTS.parent.parent)} by " \

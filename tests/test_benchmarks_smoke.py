@@ -56,6 +56,12 @@ def test_train_overhead_quick(tmp_path):
     assert "manic(adamw)" in out
 
 
+@pytest.mark.timeout(300)
+def test_launcher_demo_quick(tmp_path):
+    out = _run(["benchmarks/launcher_demo.py", "--quick"], tmp_path)
+    assert "wrote" in out and (tmp_path / "launcher_fsdp2_2ranks_quick_adamw.csv").exists()
+
+
 def test_run_all_lists_every_script():
     import importlib.util
 
