@@ -279,3 +279,25 @@ def test_stats_keys_are_stable_from_construction(form):
     step()
     after = opt.stats()
     assert set(after) == keys and after["grad_norm"].item() == pytest.approx(3 ** 0.5)
+
+
+@pytest.mark.parametrize("form", ["dropin", "seed"])
+def test_effective_lr_is_scale_times_each_groups_lr(form):
+    a, b, c = (torch.ones(2, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    base = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.02},
+                            {"params": [c], "lr": 0.5, "mechanic": False}], lr=0.1)
+    if form == "dropin":
+        opt = manic.mechanize(base)
+        step = opt.step
+    else:
+        updater = manic.Updater(base)
+        opt = manic.Mechanic(updater)
+        step = lambda: (opt.step(), updater.step())  # noqa: E731
+    for t in range(5):
+        for p in (a, b, c):
+            p.grad = torch.full((2,), 1.0 + t, dtype=torch.float64)
+        step()
+    S = opt.scale
+    lrs = opt.effective_lr
+    assert [x.item() for x in lrs] == [(S * 0.1).item(), (S * 0.02).item(), 0.5]
+    assert all(x.dim() == 0 and x.dtype == S.dtype for x in lrs)

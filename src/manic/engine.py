@@ -344,6 +344,15 @@ class TunerReadout:
         """The current scale S (sum of the per-beta scales), a 0-dim tensor on the device."""
         return self._engine.scale
 
+    @property
+    def effective_lr(self) -> list[Tensor]:
+        """Per param group, the learning rate the base update is applied with: ``S * lr`` (0-dim
+        tensors on the device; a group with ``"mechanic": False`` keeps its ``lr``). The parameters
+        also move by ``(S_new - S_old) * Delta`` when the scale changes (docs/behaviour.md)."""
+        S = self._engine.scale
+        return [S * g["lr"] if g.get("mechanic", True) else torch.as_tensor(g["lr"], dtype=S.dtype, device=S.device)
+                for g in self._engine.optimizer.param_groups]
+
     def stats(self) -> dict[str, Tensor]:
         """Tuner statistics for logging (0-dim tensors; reading them syncs, the step does not).
         ``h``, ``grad_norm`` and ``param_norm`` are NaN until the first step."""
