@@ -260,18 +260,22 @@ def test_user_supplied_reducer_is_called_once_per_step_with_the_packed_sums():
     torch.testing.assert_close(opt.scale, both.scale, rtol=1e-12, atol=0)
 
 
+def _wrapped(form, base):
+    """(the object that reads out Mechanic, a function taking one step) in either form."""
+    if form == "dropin":
+        opt = manic.mechanize(base)
+        return opt, opt.step
+    updater = manic.Updater(base)
+    mechanic = manic.Mechanic(updater)
+    return mechanic, lambda: (mechanic.step(), updater.step())
+
+
 @pytest.mark.parametrize("form", ["dropin", "seed"])
 def test_stats_keys_are_stable_from_construction(form):
     """The six documented keys before the first step (the last step's readouts are NaN then) and after."""
     p = torch.ones(3, dtype=torch.float64, requires_grad=True)
     base = torch.optim.SGD([p], lr=0.1)
-    if form == "dropin":
-        opt = manic.mechanize(base)
-        step = opt.step
-    else:
-        updater = manic.Updater(base)
-        opt = manic.Mechanic(updater)
-        step = lambda: (opt.step(), updater.step())  # noqa: E731
+    opt, step = _wrapped(form, base)
     keys = {"scale", "step", "skipped_steps", "h", "grad_norm", "param_norm"}
     before = opt.stats()
     assert set(before) == keys and all(before[k].isnan() for k in ("h", "grad_norm", "param_norm"))
@@ -286,13 +290,7 @@ def test_effective_lr_is_scale_times_each_groups_lr(form):
     a, b, c = (torch.ones(2, dtype=torch.float64, requires_grad=True) for _ in range(3))
     base = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.02},
                             {"params": [c], "lr": 0.5, "mechanic": False}], lr=0.1)
-    if form == "dropin":
-        opt = manic.mechanize(base)
-        step = opt.step
-    else:
-        updater = manic.Updater(base)
-        opt = manic.Mechanic(updater)
-        step = lambda: (opt.step(), updater.step())  # noqa: E731
+    opt, step = _wrapped(form, base)
     for t in range(5):
         for p in (a, b, c):
             p.grad = torch.full((2,), 1.0 + t, dtype=torch.float64)
