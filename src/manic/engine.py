@@ -24,7 +24,7 @@ from . import kernels, tuner
 from .compat import foreach_sub, is_dtensor, local
 from .layout import Buffers, Layout, bind, carry
 from .options import Options
-from .reduce import check_config
+from .reduce import NoReduce, check_config
 from .state import DELTA, PARAM_KEYS, REF, check_state_dict, group_entries, hidden
 from .tuner import TunerState
 
@@ -134,7 +134,8 @@ class Engine:
                           "reducer": type(layout.reducer).__name__,
                           # pipeline stages (an explicit group) hold different parameters
                           "num_params": len(layout.slots) if o.process_group is None and o.reducer is None else None},
-                         group=o.process_group)
+                         group=o.process_group, params=layout.params if o.reducer is None else None,
+                         reduces=not isinstance(layout.reducer, NoReduce))
             self._checked = True
         state = self.tuner.to(layout.dtype, layout.device)
         if not layout.slots:  # every parameter is frozen

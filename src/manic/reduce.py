@@ -12,12 +12,14 @@ once, by the group member at coordinate 0 of the replicated mesh dimensions.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Protocol, Sequence, runtime_checkable
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .compat import is_dtensor, is_fsdp1_flat, is_strided_shard, root_mesh
+from .compat import is_dtensor, is_fsdp1_flat, is_strided_shard, local, root_mesh
 
 
 @runtime_checkable
@@ -121,17 +123,48 @@ def detect(params: Sequence[Tensor], process_group: Any = None, device_mesh: Any
     return NoReduce(), [True] * len(params)
 
 
-def check_config(fields: dict[str, Any], group: Any = None) -> None:
+def check_config(fields: dict[str, Any], group: Any = None, params: Sequence[Tensor] | None = None,
+                 reduces: bool | None = None) -> None:
     """Every rank of ``group`` (default: the world) must agree on ``fields``; raise on all
-    ranks if not. One collective; a no-op in a single process."""
+    ranks if not. One collective (once, when Mechanic first steps); a no-op in a single process.
+
+    With ``params`` and ``reduces`` (whether the detected reducer sums over ranks), it also
+    compares what the ranks hold: ranks holding different parameters that nothing reduces over
+    would each tune a scale of their own (DeepSpeed ZeRO hands each rank a different flat
+    partition of plain tensors), so that raises; identical parameters on every rank that are
+    summed over ranks would count each of them world-size times, so that warns.
+    """
     if not dist.is_available() or not dist.is_initialized():
         return
     if dist.get_world_size(group) == 1:
         return
+    mine = {"fields": fields, "held": _fingerprint(params) if params is not None else None}
     gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, fields, group=group)
-    diffs = [f"{k}: " + ", ".join(f"rank {r}={g.get(k)!r}" for r, g in enumerate(gathered))
-             for k in fields if len({repr(g.get(k)) for g in gathered}) > 1]
+    dist.all_gather_object(gathered, mine, group=group)
+    diffs = [f"{k}: " + ", ".join(f"rank {r}={g['fields'].get(k)!r}" for r, g in enumerate(gathered))
+             for k in fields if len({repr(g["fields"].get(k)) for g in gathered}) > 1]
     if diffs:
         raise ValueError("Ranks disagree on their Mechanic configuration; build Mechanic identically on "
                          "every rank. Differences: " + "; ".join(diffs))
+    if params is None or reduces is None:
+        return
+    same = all(g["held"] == gathered[0]["held"] for g in gathered)
+    if not reduces and not same:
+        raise ValueError(
+            "The ranks hold different parameters but Mechanic reduces its sums over no group (the "
+            "parameters are plain tensors), so each rank would tune a scale of its own. Pass the group "
+            "the parameters are split over: process_group=<the data-parallel group> (DeepSpeed ZeRO-1/2 "
+            "in pure data parallelism: process_group=torch.distributed.group.WORLD); or, if the ranks "
+            "train independent models, say so with reducer=manic.NoReduce()")
+    if reduces and same:
+        warnings.warn("Every rank holds the same parameters, yet Mechanic sums over the ranks: each "
+                      "parameter counts world-size times. Replicated training (DDP) needs no process_group=",
+                      stacklevel=3)
+
+
+def _fingerprint(params: Sequence[Tensor]) -> list[tuple]:
+    """What this rank holds: each local tensor's shape and sum (one host sync, once)."""
+    if not params:
+        return []
+    sums = torch.stack([local(p).detach().sum(dtype=torch.float64) for p in params]).tolist()
+    return [(tuple(local(p).shape), s) for p, s in zip(params, sums)]
