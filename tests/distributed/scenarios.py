@@ -434,3 +434,26 @@ def grads_none_on_one_rank(rank: int, world: int) -> dict:
         opt.step()
     assert c.collectives == 1
     return {"scale": opt.scale.item()}
+
+
+def held_check(rank: int, world: int) -> dict[str, str]:
+    """The first step's check of what the ranks hold (plain tensors, so nothing is detected)."""
+    import warnings
+
+    out = {}
+    for case in ("different", "different_but_independent", "same_but_summed", "same"):
+        torch.manual_seed(rank if case.startswith("different") else 0)
+        p = torch.randn(6, requires_grad=True)
+        kwargs: dict[str, Any] = {"different_but_independent": {"reducer": manic.NoReduce()},
+                                  "same_but_summed": {"process_group": dist.group.WORLD}}.get(case, {})
+        opt = manic.mechanize(torch.optim.SGD([p], lr=0.1), **kwargs)
+        p.grad = torch.ones(6)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                opt.step()
+                out[case] = "ok"
+            except ValueError as e:
+                out[case] = f"ValueError: {e}"
+        out[case] += "".join(f" | warning: {w.message}" for w in caught if "same parameters" in str(w.message))
+    return out

@@ -71,3 +71,14 @@ def test_dcp_resharded_resume(saved, world):
         for a, b in zip(r["scales"], uninterrupted["scales"]):
             assert abs(a - b) / b <= 1e-9
     assert uninterrupted["scales"][-1] > 1e-3
+
+
+@pytest.mark.timeout(120)
+def test_ranks_holding_different_parameters_with_nothing_to_reduce_raise():
+    """DeepSpeed ZeRO's case without process_group=: each rank would tune its own scale."""
+    results = harness.run(2, scenarios.held_check, timeout=90)
+    for r in results:
+        assert r["different"].startswith("ValueError") and "process_group=" in r["different"], r
+        assert r["different_but_independent"] == "ok", r
+        assert r["same_but_summed"].startswith("ok | warning: Every rank holds the same parameters"), r
+        assert r["same"] == "ok", r
