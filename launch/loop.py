@@ -21,7 +21,7 @@ from config import Config
 from data import CharData
 from model import GPT, GPTConfig
 
-FIELDS = ["step", "train_loss", "val_loss", "lr", "scale", "step_time"]
+FIELDS = ["step", "train_loss", "val_loss", "lr", "scale", "effective_lr", "step_time"]
 
 
 def _val_loss(model: torch.nn.Module, data: CharData, cfg: Config, rank: int, device: torch.device) -> float:
@@ -135,14 +135,21 @@ def train(cfg: Config, rank: int, world: int, device: torch.device, build_optimi
                 train_loss = parallel.mean(loss.item(), device)
                 evaluate = done % cfg.eval_every == 0 or done == cfg.steps
                 val = _val_loss(model, data, cfg, rank, device) if evaluate else None
-                scale = opt.scale.item() if hasattr(opt, "scale") else None
+                lr = opt.param_groups[0]["lr"]  # after the schedule stepped: the lr the next step starts with
+                scale, effective_lr = None, lr  # with --no-mechanic the effective lr is the lr
+                if hasattr(opt, "scale"):
+                    from manic.integrations import readout  # S and S * lr, in one host sync
+
+                    shown = readout(opt)
+                    scale, effective_lr = shown["mechanic/scale"], shown["mechanic/effective_lr"]
                 last.update(train_loss=train_loss, scale=scale, **({} if val is None else {"val_loss": val}))
                 if rank == 0:
                     with open(out / "metrics.csv", "a", newline="") as f:
                         csv.DictWriter(f, fieldnames=FIELDS).writerow(
                             {"step": done, "train_loss": f"{train_loss:.5f}",
-                             "val_loss": "" if val is None else f"{val:.5f}", "lr": f"{opt.param_groups[0]['lr']:.6g}",
-                             "scale": "" if scale is None else f"{scale:.6g}", "step_time": f"{dt:.5f}"})
+                             "val_loss": "" if val is None else f"{val:.5f}", "lr": f"{lr:.6g}",
+                             "scale": "" if scale is None else f"{scale:.6g}", "effective_lr": f"{effective_lr:.6g}",
+                             "step_time": f"{dt:.5f}"})
                     bar.set_postfix(loss=f"{train_loss:.3f}", val=_fmt(last["val_loss"]), scale=_fmt(scale, ".3g"),
                                     tok_s=f"{tokens / dt:,.0f}", refresh=False)
             if bar is not None:

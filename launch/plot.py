@@ -1,4 +1,5 @@
-"""Draw loss and Mechanic's scale against step from a run's metrics.csv:
+"""Draw loss, Mechanic's scale, and the effective learning rate next to the base schedule against
+step, from a run's metrics.csv:
 
     python launch/plot.py RUN_DIR        # writes RUN_DIR/metrics.png
 """
@@ -8,6 +9,15 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
+
+
+def _effective_lr(row: dict[str, str]) -> float | None:
+    """The row's effective lr: its column, or S * lr in a CSV written before the column existed."""
+    if row.get("effective_lr"):
+        return float(row["effective_lr"])
+    if row.get("lr"):
+        return float(row["lr"]) * (float(row["scale"]) if row.get("scale") else 1.0)
+    return None
 
 
 def plot(run_dir: str | Path) -> Path:
@@ -20,7 +30,7 @@ def plot(run_dir: str | Path) -> Path:
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     steps = [int(r["step"]) for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
     ax1.plot(steps, [float(r["train_loss"]) for r in rows], label="train")
     val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
     if val:
@@ -33,7 +43,20 @@ def plot(run_dir: str | Path) -> Path:
         ax2.plot(*zip(*scales))
         ax2.set_yscale("log")
     ax2.set_xlabel("step")
-    ax2.set_ylabel("Mechanic scale S (effective lr = S x base lr)")
+    ax2.set_ylabel("Mechanic scale S")
+    # (a log axis: a schedule that ends at lr 0 is drawn up to its last positive point)
+    lrs = [(s, float(r["lr"])) for s, r in zip(steps, rows) if r.get("lr") and float(r["lr"]) > 0]
+    effective = [(s, _effective_lr(r)) for s, r in zip(steps, rows)]
+    effective = [(s, e) for s, e in effective if e is not None and e > 0]
+    if lrs:
+        ax3.plot(*zip(*lrs), color="0.55", linestyle="--", label="base lr (schedule)")
+    if effective:
+        ax3.plot(*zip(*effective), color="C3", label="effective lr = S x base lr")
+    if lrs or effective:
+        ax3.set_yscale("log")
+        ax3.legend()
+    ax3.set_xlabel("step")
+    ax3.set_ylabel("learning rate")
     fig.tight_layout()
     out = run_dir / "metrics.png"
     fig.savefig(out, dpi=110)

@@ -187,6 +187,10 @@ def test_end_to_end_kill_and_resume(tmp_path):
     assert (full / "metrics.png").stat().st_size > 0 and (full / "checkpoints" / "step_00000040" / "COMPLETE").exists()
     assert float(metrics[-1]["train_loss"]) < 0.8 * float(metrics[0]["train_loss"])  # it learns
     assert float(metrics[-1]["scale"]) > 1e-3 and metrics[-1]["val_loss"]
+    # the effective lr is S * lr on every row (both written with 6 significant digits)
+    assert list(metrics[0]) == ["step", "train_loss", "val_loss", "lr", "scale", "effective_lr", "step_time"]
+    assert all(float(r["effective_lr"]) == pytest.approx(float(r["scale"]) * float(r["lr"]), rel=2e-5)
+               for r in metrics)
     f = final(full)
     assert f["steps"] == 120 and f["val_loss"] == pytest.approx(float(metrics[-1]["val_loss"]), abs=1e-5)
     assert f["model_config"]["n_layer"] == 2 and f["config"]["steps"] == 120
@@ -334,11 +338,26 @@ def test_resume_messages_retention_and_finished_run(tmp_path):
             in again) and names() == ["step_00000003"] and len(rows(out)) == 1
 
 
+@pytest.mark.timeout(120)
+def test_without_mechanic_the_effective_lr_is_the_lr(tmp_path):
+    out = tmp_path / "run"
+    done = run(single("--out-dir", str(out), "--steps", "10", "--ckpt-every", "0", "--no-mechanic"), timeout=110)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = rows(out)
+    assert [r["step"] for r in metrics] == ["5", "10"]
+    assert all(r["scale"] == "" and r["effective_lr"] == r["lr"] for r in metrics), metrics
+    assert (out / "metrics.png").stat().st_size > 0
+
+
 @pytest.mark.timeout(60)
 def test_plot_regenerates_png(tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "metrics.csv").write_text("step,train_loss,val_loss,lr,scale,step_time\n5,3.0,,0.001,1e-5,0.1\n"
-                                     "10,2.5,2.6,0.001,1e-3,0.1\n")
-    done = run([sys.executable, "launch/plot.py", str(out)], timeout=120)
-    assert done.returncode == 0 and (out / "metrics.png").stat().st_size > 0
+    """From the CSV the launcher writes, and from one written before it had an effective_lr column."""
+    for name, header, extra in (("run", "step,train_loss,val_loss,lr,scale,effective_lr,step_time", ("1e-8,", "1e-6,")),
+                                ("old", "step,train_loss,val_loss,lr,scale,step_time", ("", ""))):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "metrics.csv").write_text(f"{header}\n5,3.0,,0.001,1e-5,{extra[0]}0.1\n"
+                                         f"10,2.5,2.6,0.001,1e-3,{extra[1]}0.1\n")
+        done = run([sys.executable, "launch/plot.py", str(out)], timeout=50)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (out / "metrics.png").stat().st_size > 0
