@@ -31,6 +31,9 @@ CASES = {
     "fsdp1.py": (2, "", 1e-4, 120),
     "hf_trainer.py": (0, "", 1e-2, 150),
     "lightning_trainer.py": (0, "", 1e-2, 150),
+    "observe_hf_trainer.py": (0, "step ", 1e-2, 150),
+    "observe_lightning.py": (0, "step ", 1e-2, 150),
+    "observe_loop.py": (0, "step ", 1e-2, 90),
 }
 
 # what a launcher may have left in our environment would change how the examples start ranks
