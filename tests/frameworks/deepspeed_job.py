@@ -1,0 +1,287 @@
+"""What tests/frameworks/test_deepspeed.py runs: manic under DeepSpeed ZeRO, 2 CPU ranks, gloo.
+
+    torchrun --standalone --nproc-per-node 2 tests/frameworks/deepspeed_job.py OUT_DIR
+
+One launch (DeepSpeed's import and start-up are the expensive part) trains several engines in
+turn, each a fresh ``deepspeed.initialize`` of the same float32 MLP (same seed) with
+``manic.mechanize(AdamW)`` as the client optimizer; every step each rank takes its own half of
+one fixed batch:
+
+  zero0            ZeRO-0 (every rank holds the whole model; no process_group): the reference
+  zero1, zero2     ZeRO-1/2 with ``process_group=torch.distributed.group.WORLD``
+  adamw1, adamw2   ZeRO-1/2 with a plain AdamW (what DeepSpeed's own step dispatches, for the count)
+  skip2            ZeRO-2, step POISON's loss times inf: DeepSpeed's overflow check skips it
+  zero3            ZeRO-3 with process_group=WORLD (or the exception DeepSpeed raised)
+  adamw3           ZeRO-3 with a plain AdamW
+  zero3_subgroups  ZeRO-3, sub_group_size=100 (several client optimizer steps per engine step)
+  bf16, fp16       ZeRO-2 mixed precision with one poisoned step (or the exception DeepSpeed raised)
+  adamw_bf16       ZeRO-2 bf16 with a plain AdamW
+  ckpt             ZeRO-2: A N steps uninterrupted; B N/2 steps, ``engine.save_checkpoint``;
+                   C a fresh engine, ``engine.load_checkpoint``, N/2 more steps
+  wrong            ZeRO-2 WITHOUT process_group: the first step must raise (last, on purpose)
+
+Each rank writes ``OUT_DIR/rank{r}.pt`` (a dict of the runs' results) or, on an error outside
+what a run is expected to raise, ``OUT_DIR/rank{r}.err`` (the traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+STEPS = 30          # steps of each trajectory run
+CKPT_N = 10         # the checkpoint run: save at CKPT_N, resume to 2 * CKPT_N
+LR = 1e-2
+S_INIT = 1e-6
+SAMPLES = 64        # the fixed batch; rank r takes rows [r*32, (r+1)*32)
+
+
+class CountC10d(TorchDispatchMode):
+    """Counts the c10d collectives dispatched while active (by op name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.namespace == "c10d":
+            self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(SAMPLES, 8, generator=g)
+    y = torch.stack([X[:, 0].sin(), X[:, 1] * X[:, 2]], 1)
+    r, half = dist.get_rank(), SAMPLES // dist.get_world_size()
+    return X[r * half:(r + 1) * half], y[r * half:(r + 1) * half]
+
+
+def config(stage: int, **extra: Any) -> dict[str, Any]:
+    cfg = {"train_micro_batch_size_per_gpu": SAMPLES // dist.get_world_size(), "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0,
+           "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    cfg.update(extra)
+    return cfg
+
+
+def build(stage: int, pg: bool = True, mechanic: bool = True, **extra: Any) -> tuple[Any, Any, Any]:
+    import deepspeed
+
+    import manic
+
+    net = model()
+    base = torch.optim.AdamW(net.parameters(), lr=LR)
+    opt = manic.mechanize(base, s_init=S_INIT, **({"process_group": dist.group.WORLD} if pg else {})) \
+        if mechanic else base
+    engine, dsopt, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=config(stage, **extra))
+    return engine, dsopt, opt
+
+
+def train_step(engine: Any, X: torch.Tensor, y: torch.Tensor, poison: bool = False) -> list[str]:
+    """One step; the c10d ops dispatched inside ``engine.step()``."""
+    out = engine(X.to(next(engine.module.parameters()).dtype))
+    loss = F.mse_loss(out.float(), y)
+    if poison:
+        loss = loss * float("inf")
+    engine.backward(loss)
+    with CountC10d() as c:
+        engine.step()
+    return c.ops
+
+
+def count_mechanic(opt: Any) -> list[int]:
+    """Wrap the bound reducer's all_reduce_sum (the only way Mechanic talks to other ranks)."""
+    calls = [0]
+    reducer = opt._engine.layout.reducer
+    inner = reducer.all_reduce_sum
+
+    def counted(t: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return inner(t)
+
+    reducer.all_reduce_sum = counted
+    return calls
+
+
+def ds_partitions(dsopt: Any) -> list[torch.Tensor]:
+    """The flat fp32 partitions DeepSpeed's ZeRO optimizer hands its client optimizer."""
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        if hasattr(dsopt, name):
+            return list(getattr(dsopt, name))
+    return []
+
+
+def describe(engine: Any, dsopt: Any, opt: Any) -> dict[str, Any]:
+    eng = opt._engine
+    params = eng.params
+    parts = ds_partitions(dsopt)
+    mech = {k: v for st in opt.state.values() for k, v in st.items()
+            if k.startswith("mechanic_") and isinstance(v, torch.Tensor)}
+    mech_tensors = [v for st in opt.state.values() for k, v in st.items()
+                    if k.startswith("mechanic_") and isinstance(v, torch.Tensor)]
+    return {
+        "ds_optimizer": type(dsopt).__name__,
+        "reducer": repr(eng.reducer),
+        "param_shapes": [tuple(p.shape) for p in params],
+        "param_dtypes": [str(p.dtype) for p in params],
+        "params_are_ds_partitions": bool(parts) and len(parts) == len(params)
+        and all(a is b for a, b in zip(params, parts)),
+        "params_in_param_groups": [p is q for p, q in zip(params, [q for g in opt.param_groups for q in g["params"]])],
+        "partition_bytes": sum(p.numel() * p.element_size() for p in params),
+        "mechanic_keys": sorted(mech),
+        "mechanic_bytes": sum(v.numel() * v.element_size() for v in mech_tensors),
+        "mechanic_dtypes": sorted({str(v.dtype) for v in mech_tensors}),
+        "mechanic_on_partitions": all(k in [id(p) for p in params] for k in
+                                      [id(p) for p, st in opt.state.items()
+                                       if any(n.startswith("mechanic_") for n in st)]),
+        "model_dtypes": sorted({str(p.dtype) for p in engine.module.parameters()}),
+        "model_numel": sum(p.numel() for p in engine.module.parameters()),
+    }
+
+
+def full_params(engine: Any) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in engine.module.parameters()]
+
+
+def trajectory(stage: int, steps: int = STEPS, pg: bool = True, mechanic: bool = True,
+               poison_at: int | None = None, **extra: Any) -> dict[str, Any]:
+    """``steps`` steps; with ``poison_at``, that step's loss is multiplied by inf (DeepSpeed's
+    overflow check must skip it before Mechanic sees it)."""
+    engine, dsopt, opt = build(stage, pg=pg, mechanic=mechanic, **extra)
+    X, y = data()
+    scales, ops, mech_calls, tuner_steps, overflow = [], [], [], [], []
+    calls = None
+    for t in range(steps):
+        ops.append(train_step(engine, X, y, poison=(t == poison_at)))
+        overflow.append(bool(getattr(dsopt, "overflow", False)))
+        if mechanic:
+            scales.append(opt.scale.item())
+            tuner_steps.append(int(opt.stats()["step"]))
+            if calls is None:
+                calls = count_mechanic(opt)  # bound at the first step; count from the second on
+            mech_calls.append(calls[0])
+    res: dict[str, Any] = {"ops": ops, "params": full_params(engine), "overflow": overflow,
+                           "ds_skipped_steps": getattr(engine, "skipped_steps", None)}
+    if mechanic:
+        res.update(scales=torch.tensor(scales, dtype=torch.float64), mech_calls=mech_calls,
+                   tuner_steps=tuner_steps, skipped_by_tuner=int(opt.stats()["skipped_steps"]),
+                   **describe(engine, dsopt, opt))
+    return res
+
+
+def attempt(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``fn``; an exception becomes the result (type, message, traceback)."""
+    try:
+        return {"ok": True, **fn()}
+    except Exception as e:  # noqa: BLE001 - recorded for the test and the docs
+        return {"ok": False, "error_type": type(e).__name__, "error": str(e), "traceback": traceback.format_exc()}
+
+
+POISON = 5  # the step whose loss is multiplied by inf in the overflow runs
+
+
+def ckpt_run(root: Path) -> dict[str, Any]:
+    X, y = data()
+
+    def run(steps: int, load: Path | None = None, save: Path | None = None) -> dict[str, Any]:
+        engine, dsopt, opt = build(2)
+        if load is not None:
+            path, client = engine.load_checkpoint(str(load))
+            assert path is not None, f"load_checkpoint({load}) found nothing"
+        scales = []
+        for _ in range(steps):
+            train_step(engine, X, y)
+            scales.append(opt.scale.item())
+        if save is not None:
+            engine.save_checkpoint(str(save), tag="half")
+        return {"scales": torch.tensor(scales, dtype=torch.float64), "scale": opt.scale.detach().clone(),
+                "params": full_params(engine), "partitions": [p.detach().clone() for p in opt._engine.params],
+                "stats_step": int(opt.stats()["step"])}
+
+    ckdir = root / "ckpt"
+    A = run(2 * CKPT_N)
+    B = run(CKPT_N, save=ckdir)
+    dist.barrier()
+    C = run(CKPT_N, load=ckdir)
+    files = sorted(str(p.relative_to(ckdir)) for p in ckdir.rglob("*") if p.is_file())
+    mine = ckdir / "half" / f"zero_pp_rank_{dist.get_rank()}_mp_rank_00_optim_states.pt"
+    keys = _keys(torch.load(mine, map_location="cpu", weights_only=False)) if mine.exists() else set()
+    return {"A": A, "B": B, "C": C, "files": files,
+            "optim_file_mechanic_keys": sorted(k for k in keys if k.startswith("mechanic_"))}
+
+
+def _keys(obj: Any, depth: int = 0) -> set[str]:
+    """Every string dict key in a (nested) checkpoint object."""
+    out: set[str] = set()
+    if depth > 12:
+        return out
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(k, str):
+                out.add(k)
+            out |= _keys(v, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            out |= _keys(v, depth + 1)
+    return out
+
+
+def wrong_run() -> dict[str, Any]:
+    engine, dsopt, opt = build(2, pg=False)
+    X, y = data()
+    try:
+        train_step(engine, X, y)
+    except ValueError as e:
+        return {"raised": "ValueError", "error": str(e), "stats_step": int(opt.stats()["step"])}
+    return {"raised": None, "scale": opt.scale.item()}
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    import deepspeed
+
+    deepspeed.init_distributed("gloo", timeout=timedelta(seconds=60))
+    r = dist.get_rank()
+    try:
+        res: dict[str, Any] = {"world": dist.get_world_size(), "deepspeed": deepspeed.__version__}
+        res["zero0"] = trajectory(0, pg=False)
+        res["zero1"] = trajectory(1)
+        res["zero2"] = trajectory(2)
+        res["adamw1"] = trajectory(1, mechanic=False, steps=5)
+        res["adamw2"] = trajectory(2, mechanic=False, steps=5)
+        res["skip2"] = trajectory(2, steps=10, poison_at=POISON)
+        res["zero3"] = attempt(lambda: trajectory(3))
+        res["adamw3"] = attempt(lambda: trajectory(3, mechanic=False, steps=5))
+        # ZeRO-3 with several sub-groups steps the client optimizer once per sub-group
+        res["zero3_subgroups"] = attempt(lambda: trajectory(3, steps=5, zero_optimization={
+            "stage": 3, "sub_group_size": 100}))
+        res["bf16"] = attempt(lambda: trajectory(2, poison_at=POISON, bf16={"enabled": True}))
+        res["adamw_bf16"] = attempt(lambda: trajectory(2, mechanic=False, steps=5, bf16={"enabled": True}))
+        res["fp16"] = attempt(lambda: trajectory(2, steps=10, poison_at=POISON, fp16={
+            "enabled": True, "initial_scale_power": 8}))
+        res["ckpt"] = ckpt_run(out)
+        res["wrong"] = wrong_run()          # last: it leaves an engine mid-step behind
+        torch.save(res, out / f"rank{r}.pt")
+    except BaseException:
+        (out / f"rank{r}.err").write_text(traceback.format_exc())
+        raise
+
+
+if __name__ == "__main__":
+    main()
