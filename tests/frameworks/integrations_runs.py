@@ -6,6 +6,7 @@ each step. Run under ``torchrun --nproc_per_node 2`` (``python integrations_runs
 rank writes that to ``OUT_DIR/rank<r>.pt``. ``lightning(out_dir)`` fits a Lightning module with
 ``MechanicMonitor`` and a ``CSVLogger``. ``accelerate_rank`` (one of 2 gloo ranks) builds accelerate's
 ``AcceleratedOptimizer`` the way accelerate's FSDP2 preparation does (accelerate_fsdp2.py).
+``deepspeed_rank`` builds DeepSpeed engines and logs through their monitor.
 """
 
 from __future__ import annotations
@@ -192,6 +193,44 @@ def accelerate_rank(rank: int, world: int) -> dict[str, Any]:
     return {"wrapper": type(opt).__module__ + "." + type(opt).__name__, "found": find_mechanic(opt) is mech,
             "found_in_accelerator": find_mechanic(accelerator) is mech, "readout": readout(opt),
             "scale": float(mech.scale), "effective_lr": [float(e) for e in mech.effective_lr]}
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+DEEPSPEED_STEPS = 6
+DEEPSPEED_LOG_EVERY = 2
+
+
+def deepspeed_rank(rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """A DeepSpeed engine per ZeRO stage (0: engine.optimizer is the client optimizer; 2: a ZeRO
+    wrapper holding it), each with a csv_monitor, logging through docs/observability.md's line."""
+    # the variables a launcher sets (the harness's gloo group is already up: DeepSpeed uses it)
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1")
+    import deepspeed
+
+    results: dict[str, Any] = {}
+    for stage in (0, 2):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+        opt = manic.mechanize(torch.optim.AdamW(net.parameters(), lr=LR), s_init=S_INIT)
+        config = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                  "steps_per_print": 10**9,
+                  "csv_monitor": {"enabled": True, "output_path": out_dir, "job_name": f"zero{stage}"}}
+        engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=config)
+        g = torch.Generator().manual_seed(1)
+        X, y = torch.randn(16, 8, generator=g), torch.randn(16, 2, generator=g)
+        truth = {}
+        for _ in range(DEEPSPEED_STEPS):
+            engine.backward(torch.nn.functional.mse_loss(engine(X), y))
+            engine.step()
+            if engine.global_rank == 0 and engine.global_steps % DEEPSPEED_LOG_EVERY == 0:
+                # docs/observability.md's line, verbatim
+                engine.monitor.write_events([(f"Train/Samples/{k}", v, engine.global_samples) for k, v in readout(engine).items()])  # noqa: E501
+                truth[engine.global_samples] = {"scale": float(opt.scale), "lr": opt.param_groups[0]["lr"]}
+        results[f"zero{stage}"] = {"wrapper": type(engine.optimizer).__name__, "found": find_mechanic(engine) is opt,
+                                   "truth": truth}
+    return results
 
 
 def main(out_dir: str) -> None:

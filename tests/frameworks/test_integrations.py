@@ -1,8 +1,9 @@
 """manic.integrations through the frameworks' own code paths: what the HF Trainer's log history,
 its reporters (a report_to-like callback, TensorBoard, the console) and Lightning's CSVLogger
 actually received, against the scale and lrs recorded at each step; find_mechanic inside
-accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer and Trainer, an HF Trainer; and
-that importing manic imports no framework. See integrations_runs.py for the runs.
+accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer and Trainer, an HF Trainer, a
+DeepSpeed engine (ZeRO-0 and ZeRO-2, one rank), whose monitor gets the documented line; and that
+importing manic imports no framework. See integrations_runs.py for the runs.
 
 At each logged step t: ``mechanic/scale`` is the scale after step t, and ``mechanic/effective_lr``
 (``/<i>`` per group) is that scale times the lr step t used (the Trainer's ``learning_rate``).
@@ -141,6 +142,29 @@ def test_find_mechanic_in_accelerated_optimizer():
     assert ranks[0]["scale"] == ranks[1]["scale"] > R.S_INIT
 
 
+# ----------------------------------------------------------------------------- DeepSpeed
+@pytest.mark.timeout(120)
+def test_deepspeed_engine_and_monitor_line(tmp_path):
+    """find_mechanic in a real DeepSpeed engine (ZeRO-0: the client optimizer itself; ZeRO-2: a ZeRO
+    wrapper holding it), and docs/observability.md's write_events line, read back from csv_monitor."""
+    import harness
+
+    (r,) = harness.run(1, R.deepspeed_rank, str(tmp_path), timeout=110)
+    for stage, wrapper in (("zero0", "Mechanized"), ("zero2", "DeepSpeedZeroOptimizer")):
+        assert r[stage]["wrapper"] == wrapper and r[stage]["found"], (stage, r[stage])
+        truth = r[stage]["truth"]
+        assert len(truth) == R.DEEPSPEED_STEPS // R.DEEPSPEED_LOG_EVERY
+        written = {}
+        for key in ("scale", "effective_lr"):
+            with open(tmp_path / stage / f"Train_Samples_mechanic_{key}.csv") as f:
+                written[key] = {int(row["step"]): float(row[key]) for row in csv.DictReader(f)}
+        assert written["scale"] == {x: at["scale"] for x, at in truth.items()}, (written, truth)
+        assert written["effective_lr"].keys() == truth.keys() and all(
+            written["effective_lr"][x] == pytest.approx(at["scale"] * at["lr"], rel=1e-6) for x, at in truth.items())
+    scales = [at["scale"] for at in r["zero2"]["truth"].values()]
+    assert scales[-1] > 2 * R.S_INIT
+
+
 # ----------------------------------------------------------------------------- without a framework
 def _stepped(form: str) -> tuple[object, list[torch.Tensor]]:
     a, b, c = (torch.ones(3, requires_grad=True) for _ in range(3))
@@ -180,7 +204,7 @@ def test_readout_with_one_group_has_no_per_group_keys():
 
 def test_find_mechanic_walks_wrappers_and_says_when_there_is_none():
     opt, params = _stepped("dropin")
-    # shaped like DeepSpeed's engine: engine.optimizer is a ZeRO/fp16 wrapper holding the client optimizer
+    # shaped like DeepSpeed's engine (the real one: test_deepspeed_engine_and_monitor_line)
     engine = types.SimpleNamespace(optimizer=types.SimpleNamespace(optimizer=opt), module=torch.nn.Linear(1, 1))
     assert find_mechanic(engine) is opt
     assert find_mechanic(torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)) is opt
