@@ -227,3 +227,15 @@ def test_import_manic_pulls_in_no_framework():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_callbacks_refuse_an_optimizer_that_is_not_mechanic():
+    from manic.integrations.lightning import MechanicMonitor
+    from manic.integrations.transformers import MechanicCallback
+
+    plain = torch.optim.AdamW([torch.ones(2, requires_grad=True)], lr=1e-3)
+    # called by hand, outside a Trainer's CallbackHandler: it says it cannot move to the front
+    with pytest.warns(RuntimeWarning, match="callback list"), pytest.raises(TypeError, match="no Mechanic optimizer"):
+        MechanicCallback().on_train_begin(None, None, None, optimizer=plain)
+    with pytest.raises(TypeError, match="no Mechanic optimizer"):
+        MechanicMonitor().on_train_start(types.SimpleNamespace(optimizers=[plain]), None)
