@@ -72,6 +72,7 @@ class Engine:
         self.buffers: dict[int, Buffers] = {}
         self.started = False
         self._checked = False  # the cross-rank configuration check ran
+        self._beta: Tensor | None = None
         dtype, device = _provisional(optimizer)
         self.tuner = TunerState.fresh(self.hyper, dtype, device)
         self._plan: Plan | None = None
@@ -152,11 +153,18 @@ class Engine:
             started = True
         sums, diffs = self._local_sums(layout, buffers)
         sums = layout.reducer.all_reduce_sum(sums)
-        new, h, ok = tuner.update(state, sums, self.hyper, tuner.betas(self.hyper.num_betas, layout.dtype,
-                                                                       layout.device))
+        new, h, ok = tuner.update(state, sums, self.hyper, self._betas(layout))
         last = {"h": h, "grad_norm": sums[tuner.G_SQ].sqrt(), "param_norm": sums[tuner.X_SQ].sqrt()}
         skip_base = self.options.skip_nonfinite and not bool(ok)  # the one host sync, by request
         return Plan(layout, buffers, started, state, Update(new, state.s.sum(), ok, diffs, skip_base, last))
+
+    def _betas(self, layout: Layout) -> Tensor:
+        """The betas in the tuner's dtype on its device, built once per layout dtype and device
+        (a host-to-device copy otherwise on every step)."""
+        beta = self._beta
+        if beta is None or beta.dtype != layout.dtype or beta.device != layout.device:
+            beta = self._beta = tuner.betas(self.hyper.num_betas, layout.dtype, layout.device)
+        return beta
 
     def _all_lr_zero(self) -> bool:
         lrs = [g.get("lr") for g in self.optimizer.param_groups if g.get("mechanic", True)]
