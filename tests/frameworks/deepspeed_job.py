@@ -18,6 +18,16 @@ one fixed batch:
   adamw_bf16       ZeRO-2 bf16 with a plain AdamW
   ckpt             ZeRO-2: A N steps uninterrupted; B N/2 steps, ``engine.save_checkpoint``;
                    C a fresh engine, ``engine.load_checkpoint``, N/2 more steps
+  universal        ckpt's checkpoint through DeepSpeed's universal checkpoint (ds_to_universal, then
+                   ``load_universal`` into a fresh ZeRO-2 engine on the same 2 ranks)
+  hf               HF ``Trainer(args=TrainingArguments(deepspeed=<ZeRO-2 dict>))``, a Llama model and
+                   synthetic tokens (hf_trainer_run.py):
+                     ignored   ``optimizers=(mechanize(AdamW), LambdaLR)``: what Trainer steps instead
+                     refused   the same with ``MechanicCallback``: the error it raises at train begin
+                     saving    examples/deepspeed_hf_trainer.py's ``MechanicTrainer`` (create_optimizer
+                               returns the mechanized AdamW) with ``MechanicCallback``, HF_STEPS steps,
+                               a Trainer checkpoint at HF_SAVE_AT
+                     resumed   a new ``MechanicTrainer``, ``train(resume_from_checkpoint=...)`` from it
   wrong            ZeRO-2 WITHOUT process_group: the first step must raise (last, on purpose)
 
 Each rank writes ``OUT_DIR/rank{r}.pt`` (a dict of the runs' results) or, on an error outside
@@ -26,6 +36,8 @@ what a run is expected to raise, ``OUT_DIR/rank{r}.err`` (the traceback).
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import os
 import sys
 import traceback
@@ -44,6 +56,10 @@ CKPT_N = 10         # the checkpoint run: save at CKPT_N, resume to 2 * CKPT_N
 LR = 1e-2
 S_INIT = 1e-6
 SAMPLES = 64        # the fixed batch; rank r takes rows [r*32, (r+1)*32)
+HF_STEPS = 40       # the Trainer runs: a checkpoint at HF_SAVE_AT, resumed to HF_STEPS
+HF_SAVE_AT = 20
+HF_IGNORED_STEPS = 2
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "deepspeed_hf_trainer.py"
 
 
 class CountC10d(TorchDispatchMode):
@@ -226,6 +242,29 @@ def ckpt_run(root: Path) -> dict[str, Any]:
             "optim_file_mechanic_keys": sorted(k for k in keys if k.startswith("mechanic_"))}
 
 
+def universal_run(root: Path) -> dict[str, Any]:
+    """ckpt_run's ZeRO-2 checkpoint (step CKPT_N) converted by DeepSpeed's ``ds_to_universal`` (on
+    rank 0, in process) and loaded with ``checkpoint.load_universal`` into a fresh engine on the same
+    2 ranks: what survives of the model, AdamW and Mechanic."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    src, dst = root / "ckpt" / "half", root / "universal"
+    if dist.get_rank() == 0:
+        ds_to_universal.main(Namespace(input_folder=str(src), output_folder=str(dst / "half"), num_extract_workers=1,
+                                       num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                       inject_missing_state=True))
+        (dst / "latest_universal").write_text("half")
+    dist.barrier()
+    converted = sorted({p.stem for p in (dst / "half" / "zero").rglob("*.pt") if p.parent.name != "zero"})
+    engine, dsopt, opt = build(2, checkpoint={"load_universal": True})
+    path, _ = engine.load_checkpoint(str(dst))
+    return {"loaded": path is not None, "converted_keys": converted, "params": full_params(engine),
+            "state_keys": sorted({k for st in opt.state.values() for k in st}),
+            "scale": opt.scale.item(), "tuner_step": int(opt.stats()["step"])}
+
+
 def _keys(obj: Any, depth: int = 0) -> set[str]:
     """Every string dict key in a (nested) checkpoint object."""
     out: set[str] = set()
@@ -240,6 +279,109 @@ def _keys(obj: Any, depth: int = 0) -> set[str]:
         for v in obj:
             out |= _keys(v, depth + 1)
     return out
+
+
+# ----------------------------------------------------------------------------- HF Trainer
+def _example() -> Any:
+    """examples/deepspeed_hf_trainer.py as a module (its training run is under ``__main__``): the
+    documented ``MechanicTrainer`` and ZeRO-2 config, used here as they are."""
+    spec = importlib.util.spec_from_file_location("deepspeed_hf_trainer", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _chain(optimizer: Any) -> list[str]:
+    """The optimizer Trainer steps, and what it wraps (``.optimizer``), outermost first."""
+    out = []
+    while optimizer is not None and len(out) < 5:
+        out.append(type(optimizer).__name__)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return out
+
+
+def hf_runs(root: Path) -> dict[str, Any]:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    import hf_trainer_run as H
+    import manic
+    from manic.integrations import find_mechanic
+    from manic.integrations.transformers import MechanicCallback
+
+    example = _example()
+
+    class Record(TrainerCallback):
+        """What Trainer steps, and Mechanic's scale and lrs after every optimizer step."""
+
+        def __init__(self) -> None:
+            self.seen: dict[str, Any] = {}
+            self.mech: Any = None
+            self.lrs: list[float] = []
+            self.scales: list[float] = []
+            self.at: dict[int, dict[str, Any]] = {}
+
+        def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            self.seen["chain"] = _chain(optimizer)
+            try:
+                self.mech = find_mechanic(optimizer)
+            except TypeError:
+                pass  # Trainer steps an optimizer of its own
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if self.mech is not None:
+                self.lrs = [g["lr"] for g in self.mech.param_groups]  # this step's, before the scheduler
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.mech is not None:
+                self.scales.append(self.mech.scale.item())
+                self.at[state.global_step] = {"scale": self.scales[-1], "lrs": self.lrs}
+
+    def run(tag: str, trainer_cls: Any, steps: int, passed: bool = False, callback: bool = True,
+            save: bool = False, resume: str | None = None) -> dict[str, Any]:
+        model = H.make_model()
+        kwargs: dict[str, Any] = {}
+        if passed:  # what works without DeepSpeed (test_hf_trainer.py)
+            opt = manic.mechanize(torch.optim.AdamW(model.parameters(), lr=H.LR), process_group=dist.group.WORLD)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+            kwargs["optimizers"] = (opt, sched)
+        args = TrainingArguments(
+            output_dir=str(root / "hf" / tag), deepspeed=copy.deepcopy(example.ZERO2), max_steps=steps,
+            per_device_train_batch_size=H.BATCH, seed=42, learning_rate=H.LR, lr_scheduler_type="cosine",
+            warmup_steps=4, logging_steps=5, save_strategy="steps" if save else "no", save_steps=HF_SAVE_AT,
+            report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+        record = Record()
+        callbacks = [record, MechanicCallback()] if callback else [record]
+        trainer = trainer_cls(model=model, args=args, train_dataset=H.Tokens(), callbacks=callbacks, **kwargs)
+        out: dict[str, Any] = {"ok": True}
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except TypeError as e:
+            out = {"ok": False, "error_type": type(e).__name__, "error": str(e)}
+        out.update(seen=record.seen, scales=record.scales, at=record.at,
+                   log_history=[dict(h) for h in trainer.state.log_history],
+                   world=trainer.args.world_size, deepspeed_enabled=trainer.is_deepspeed_enabled)
+        if passed:
+            out.update(passed_steps=int(opt.stats()["step"]), passed_scale=opt.scale.item(),
+                       scheduler_is_passed=trainer.lr_scheduler is sched,
+                       client_lr=[g["lr"] for g in trainer.optimizer.param_groups])
+        if record.mech is not None:
+            m = record.mech
+            out.update(final_scale=m.scale.item(), tuner_step=int(m.stats()["step"]), reducer=repr(m._engine.reducer),
+                       params=[p.detach().clone() for p in trainer.model.parameters()],
+                       partitions=[p.detach().clone() for p in m._engine.params],
+                       params_are_ds_partitions=[a is b for a, b in zip(
+                           m._engine.params, ds_partitions(trainer.optimizer.optimizer))])
+        return out
+
+    res: dict[str, Any] = {}
+    res["ignored"] = run("ignored", Trainer, HF_IGNORED_STEPS, passed=True, callback=False)
+    res["saving"] = run("saving", example.MechanicTrainer, HF_STEPS, save=True)
+    dist.barrier()
+    checkpoint = root / "hf" / "saving" / f"checkpoint-{HF_SAVE_AT}"
+    res["checkpoint_files"] = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())
+    res["resumed"] = run("resumed", example.MechanicTrainer, HF_STEPS, resume=str(checkpoint))
+    res["refused"] = run("refused", Trainer, HF_IGNORED_STEPS, passed=True)  # raises at train begin
+    return res
 
 
 def wrong_run() -> dict[str, Any]:
@@ -276,6 +418,8 @@ def main() -> None:
         res["fp16"] = attempt(lambda: trajectory(2, steps=10, poison_at=POISON, fp16={
             "enabled": True, "initial_scale_power": 8}))
         res["ckpt"] = ckpt_run(out)
+        res["universal"] = attempt(lambda: universal_run(out))
+        res["hf"] = hf_runs(out)
         res["wrong"] = wrong_run()          # last: it leaves an engine mid-step behind
         torch.save(res, out / f"rank{r}.pt")
     except BaseException:

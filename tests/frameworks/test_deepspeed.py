@@ -12,7 +12,15 @@ Measured (deepspeed 0.19.8, torch 2.13 CPU): after 30 steps the scale is 2.090e-
 rank's partition is 226 (ZeRO-1/2) or 225 (ZeRO-3) of the 450 float32 parameters, 904 or 900
 bytes, and Mechanic's state 1808 or 1800 bytes. fp16 is refused on CPU ("Type fp16 is not
 supported on your device."); bf16 runs. ZeRO-3 with several sub-groups steps the client
-optimizer once per sub-group: Mechanic refuses at the second sub-group (loudly).
+optimizer once per sub-group: Mechanic refuses at the second sub-group (loudly). A universal
+checkpoint (ds_to_universal, then load_universal) restores the model and AdamW but not Mechanic,
+which starts over.
+
+HF Trainer (transformers 5.24.0, accelerate 1.16.0) with ``TrainingArguments(deepspeed=<ZeRO-2
+dict>)``: ``optimizers=`` is dropped without a word (transformers' ``deepspeed_init`` sets
+``trainer.optimizer = None`` and calls ``create_optimizer()``), and the engine steps a torch AdamW
+of Trainer's own. Overriding ``create_optimizer`` (examples/deepspeed_hf_trainer.py) works: the
+scale reaches 1.30e-2 after 40 steps, and ``resume_from_checkpoint`` continues bitwise.
 """
 
 from __future__ import annotations
@@ -29,13 +37,17 @@ from typing import Any
 import pytest
 import torch
 
+import manic
+
 # not a skip: without deepspeed this module fails to collect
 DEEPSPEED_VERSION = importlib.metadata.version("deepspeed")
 
 JOB = Path(__file__).with_name("deepspeed_job.py")
 WORLD = 2
 STEPS, CKPT_N, POISON = 30, 10, 5          # as in deepspeed_job.py
+HF_STEPS, HF_SAVE_AT, HF_IGNORED_STEPS, HF_LOG_EVERY = 40, 20, 2, 5   # its HF Trainer runs
 S_INIT = 1e-6
+FRESH_SCALE = manic.Options().num_betas * S_INIT  # what the scale reads before the tuner's first step
 MODEL_NUMEL = 8 * 16 + 16 + 16 * 16 + 16 + 16 * 2 + 2   # the float32 MLP there: 450
 REL_TOL = 1e-5      # ZeRO-1/2/3 vs ZeRO-0: measured at most 2.6e-7 (float32 round-off of the partial sums)
 LAUNCH_TIMEOUT = 150
@@ -263,3 +275,86 @@ def test_checkpoint_round_trip(runs):
         assert f"half/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in c["files"], c["files"]
         keys = set(c["optim_file_mechanic_keys"])
         assert {"mechanic_delta", "mechanic_ref", "mechanic_s"} <= keys, sorted(keys)
+
+
+def test_universal_checkpoint_keeps_the_model_and_adamw_but_not_mechanic(runs):
+    """DeepSpeed's universal checkpoint (its route to another world size) converts only the fp32
+    weights and AdamW's exp_avg, exp_avg_sq and step. Loading it restores the model and AdamW;
+    Mechanic's buffers and tuner are gone, so Mechanic starts over from the loaded weights (tuner
+    step 0, the scale back to num_betas * s_init), without an error. Recorded for the docs."""
+    for rank, r in enumerate(runs):
+        u = _ran(r["universal"], "universal")
+        assert u["loaded"] and u["converted_keys"] == ["exp_avg", "exp_avg_sq", "fp32", "step"], u
+        assert all(torch.equal(p, q) for p, q in zip(u["params"], r["ckpt"]["B"]["params"])), rank
+        assert u["state_keys"] == ["exp_avg", "exp_avg_sq", "step"], u["state_keys"]
+        assert u["tuner_step"] == 0 and u["scale"] == pytest.approx(FRESH_SCALE), (rank, u)
+
+
+# ----------------------------------------------------------------------------- HF Trainer
+def test_hf_trainer_ignores_optimizers_under_deepspeed(runs):
+    """``Trainer(optimizers=(mechanize(AdamW), sched), args=TrainingArguments(deepspeed=...))``
+    trains without a word, but not with the optimizer it was given: transformers' ``deepspeed_init``
+    sets ``trainer.optimizer = None`` and calls ``create_optimizer()``, so the engine steps a torch
+    AdamW of Trainer's own, with Trainer's own scheduler; the passed optimizer never steps."""
+    for rank, r in enumerate(runs):
+        run = r["hf"]["ignored"]
+        assert run["ok"] and run["deepspeed_enabled"] and run["world"] == WORLD, (rank, run)
+        assert run["seen"]["chain"] == ["DeepSpeedOptimizerWrapper", "DeepSpeedZeroOptimizer", "AdamW"], run["seen"]
+        assert run["passed_steps"] == 0 and run["passed_scale"] == pytest.approx(FRESH_SCALE), (rank, run)
+        assert not run["scheduler_is_passed"]
+
+
+def test_hf_trainer_mechanic_callback_names_the_fix(runs):
+    """The same Trainer with ``MechanicCallback``: training stops at its start, saying what to do."""
+    for rank, r in enumerate(runs):
+        run = r["hf"]["refused"]
+        assert not run["ok"] and run["error_type"] == "TypeError", (rank, run)
+        assert "no Mechanic optimizer" in run["error"], run["error"]
+        assert "Trainer ignores optimizers=" in run["error"] and "override create_optimizer" in run["error"]
+        assert run["passed_steps"] == 0
+
+
+def test_hf_trainer_create_optimizer_route(runs):
+    """examples/deepspeed_hf_trainer.py's ``MechanicTrainer`` (``create_optimizer`` returns the
+    mechanized AdamW with ``process_group=WORLD``) through Trainer's own ``train()``: Mechanic works
+    on the ZeRO-2 partition and reduces over both ranks, the scale grows > 100x from s_init and is
+    bitwise the same on both ranks, and ``MechanicCallback``'s log lines (rank 0) hold the true scale
+    and the scale times the lr of Trainer's own schedule (which reaches Mechanic's param groups)."""
+    for rank, r in enumerate(runs):
+        run = r["hf"]["saving"]
+        assert run["ok"], (rank, run)
+        assert run["seen"]["chain"] == ["DeepSpeedOptimizerWrapper", "DeepSpeedZeroOptimizer", "Mechanized"]
+        assert run["params_are_ds_partitions"] == [True]
+        assert run["reducer"] == f"ProcessGroupReducer(size={WORLD})"
+        assert len(run["scales"]) == HF_STEPS
+        # the first step runs at the warmup's lr 0, which leaves the tuner fresh (docs/behaviour.md)
+        assert run["tuner_step"] == HF_STEPS - 1
+        assert run["final_scale"] > 100 * S_INIT, (rank, run["final_scale"])
+        logs = [h for h in run["log_history"] if "loss" in h]
+        assert [h["step"] for h in logs] == list(range(HF_LOG_EVERY, HF_STEPS + 1, HF_LOG_EVERY))
+        if rank > 0:  # only the main process reads and logs them
+            assert not any(k.startswith("mechanic/") for h in run["log_history"] for k in h)
+            continue
+        for h in logs:
+            at = run["at"][h["step"]]
+            assert h["mechanic/scale"] == at["scale"], (h, at)
+            assert h["mechanic/effective_lr"] == pytest.approx(at["scale"] * at["lrs"][0], rel=1e-6), (h, at)
+            assert h["mechanic/effective_lr"] == pytest.approx(h["mechanic/scale"] * h["learning_rate"], rel=1e-6)
+        assert len({h["learning_rate"] for h in logs}) == len(logs)  # the cosine schedule moved at every log
+    assert runs[1]["hf"]["saving"]["scales"] == runs[0]["hf"]["saving"]["scales"], "the ranks' scales differ"
+
+
+def test_hf_trainer_resume_from_checkpoint(runs):
+    """Trainer saves checkpoint-HF_SAVE_AT through DeepSpeed (Mechanic's state in each rank's ZeRO
+    file); a new Trainer's ``train(resume_from_checkpoint=...)`` continues that run bitwise."""
+    for rank, r in enumerate(runs):
+        hf = r["hf"]
+        saving, resumed = hf["saving"], hf["resumed"]
+        assert f"global_step{HF_SAVE_AT}/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in hf["checkpoint_files"]
+        assert resumed["ok"], (rank, resumed)
+        assert resumed["scales"] == saving["scales"][HF_SAVE_AT:], (rank, resumed["scales"], saving["scales"])
+        assert resumed["final_scale"] == saving["final_scale"] and resumed["tuner_step"] == saving["tuner_step"]
+        assert all(torch.equal(p, q) for p, q in zip(resumed["params"], saving["params"])), rank
+        assert all(torch.equal(p, q) for p, q in zip(resumed["partitions"], saving["partitions"])), rank
+        assert saving["scales"][HF_SAVE_AT - 1] > 10 * S_INIT  # the checkpoint holds a scale far from s_init
+    assert runs[1]["hf"]["resumed"]["scales"] == runs[0]["hf"]["resumed"]["scales"]

@@ -19,6 +19,11 @@ is: each group's lr is recorded in ``on_optimizer_step`` (after the step, before
 so on every logged line ``mechanic/effective_lr == mechanic/scale * learning_rate``. Only the
 world's main process reads the values (one host sync per log, no collective): the reporters log
 from it alone, and every rank has the same scale.
+
+If the Trainer's optimizer is not a Mechanic one, training stops at its start with a ``TypeError``.
+With DeepSpeed (``TrainingArguments(deepspeed=...)``) that is what ``optimizers=`` leads to: Trainer
+drops the pair and builds its own optimizer with ``create_optimizer()``, so the error says to
+override that instead (docs/frameworks.md).
 """
 
 from __future__ import annotations
@@ -90,7 +95,16 @@ class MechanicCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):  # noqa: ANN001, ANN201
         self._to_front()
-        self._find(optimizer)
+        try:
+            self._find(optimizer)
+        except TypeError as e:
+            if getattr(args, "deepspeed", None) is None:
+                raise
+            # transformers' deepspeed_init drops the optimizers= pair and calls create_optimizer()
+            raise TypeError(f"{e}. With deepspeed= set, Trainer ignores optimizers=(...) and builds its own optimizer "
+                            "with create_optimizer(): subclass Trainer and override create_optimizer to return "
+                            "manic.mechanize(..., process_group=torch.distributed.group.WORLD) (docs/frameworks.md, "
+                            "DeepSpeed)") from e
 
     def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         self._to_front()
