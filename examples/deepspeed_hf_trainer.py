@@ -13,6 +13,7 @@ from manic.integrations.transformers import MechanicCallback
 class MechanicTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
+            # one param group: ZeRO steps the optimizer once per group, and Mechanic needs them all at once
             params = [p for p in (model or self.model).parameters() if p.requires_grad]
             base = torch.optim.AdamW(params, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
             # ZeRO gives each rank a slice of the parameters: Mechanic sums over the data-parallel group

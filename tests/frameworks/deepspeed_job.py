@@ -14,6 +14,9 @@ one fixed batch:
   zero3            ZeRO-3 with process_group=WORLD (or the exception DeepSpeed raised)
   adamw3           ZeRO-3 with a plain AdamW
   zero3_subgroups  ZeRO-3, sub_group_size=100 (several client optimizer steps per engine step)
+  zero0_groups,    ZeRO-0 / ZeRO-2 / ZeRO-3 with two param groups (weights; biases without weight
+  zero2_groups,    decay): ZeRO-1/2/3 step the client optimizer once per group
+  zero3_groups
   bf16, fp16       ZeRO-2 mixed precision with one poisoned step (or the exception DeepSpeed raised)
   adamw_bf16       ZeRO-2 bf16 with a plain AdamW
   ckpt             ZeRO-2: A N steps uninterrupted; B N/2 steps, ``engine.save_checkpoint``;
@@ -96,13 +99,21 @@ def config(stage: int, **extra: Any) -> dict[str, Any]:
     return cfg
 
 
-def build(stage: int, pg: bool = True, mechanic: bool = True, **extra: Any) -> tuple[Any, Any, Any]:
+def build(stage: int, pg: bool = True, mechanic: bool = True, groups: bool = False,
+          **extra: Any) -> tuple[Any, Any, Any]:
+    """A fresh engine; with ``groups``, AdamW has two param groups (the weight matrices, and the
+    biases without weight decay, as HF Trainer's default optimizer splits them)."""
     import deepspeed
 
     import manic
 
     net = model()
-    base = torch.optim.AdamW(net.parameters(), lr=LR)
+    if groups:
+        params: Any = [{"params": [p for p in net.parameters() if p.dim() > 1]},
+                       {"params": [p for p in net.parameters() if p.dim() <= 1], "weight_decay": 0.0}]
+    else:
+        params = net.parameters()
+    base = torch.optim.AdamW(params, lr=LR)
     opt = manic.mechanize(base, s_init=S_INIT, **({"process_group": dist.group.WORLD} if pg else {})) \
         if mechanic else base
     engine, dsopt, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=config(stage, **extra))
@@ -176,10 +187,10 @@ def full_params(engine: Any) -> list[torch.Tensor]:
 
 
 def trajectory(stage: int, steps: int = STEPS, pg: bool = True, mechanic: bool = True,
-               poison_at: int | None = None, **extra: Any) -> dict[str, Any]:
+               poison_at: int | None = None, groups: bool = False, **extra: Any) -> dict[str, Any]:
     """``steps`` steps; with ``poison_at``, that step's loss is multiplied by inf (DeepSpeed's
     overflow check must skip it before Mechanic sees it)."""
-    engine, dsopt, opt = build(stage, pg=pg, mechanic=mechanic, **extra)
+    engine, dsopt, opt = build(stage, pg=pg, mechanic=mechanic, groups=groups, **extra)
     X, y = data()
     scales, ops, mech_calls, tuner_steps, overflow = [], [], [], [], []
     calls = None
@@ -409,6 +420,11 @@ def main() -> None:
         res["adamw2"] = trajectory(2, mechanic=False, steps=5)
         res["skip2"] = trajectory(2, steps=10, poison_at=POISON)
         res["zero3"] = attempt(lambda: trajectory(3))
+        # two param groups: ZeRO-1/2 step the client optimizer once per group, each time with that group
+        # alone in param_groups; ZeRO-3 once per group, with the other group's params emptied
+        res["zero0_groups"] = trajectory(0, pg=False, groups=True, steps=5)
+        res["zero2_groups"] = attempt(lambda: trajectory(2, groups=True, steps=5))
+        res["zero3_groups"] = attempt(lambda: trajectory(3, groups=True, steps=5))
         res["adamw3"] = attempt(lambda: trajectory(3, mechanic=False, steps=5))
         # ZeRO-3 with several sub-groups steps the client optimizer once per sub-group
         res["zero3_subgroups"] = attempt(lambda: trajectory(3, steps=5, zero_optimization={
