@@ -11,8 +11,8 @@ from manic import Options
 # Mechanic's options the launcher exposes, and their flag names where the plain one would clash
 # with the base optimizer's (--weight-decay); the reducer options are chosen by --parallel.
 MECHANIC_FLAGS = {"weight_decay": "mechanic_weight_decay", "eps": "mechanic_eps", "s_init": "s_init",
-                  "num_betas": "num_betas", "store_delta": "store_delta", "skip_nonfinite": "skip_nonfinite",
-                  "compile": "compile", "fp32_reference": "fp32_reference"}
+                  "num_betas": "num_betas", "store_delta": "store_delta", "variant": "variant",
+                  "skip_nonfinite": "skip_nonfinite", "compile": "compile", "fp32_reference": "fp32_reference"}
 
 
 @dataclass
@@ -112,7 +112,9 @@ def _add(parser: argparse._ActionsContainer, name: str, kind: object, default: o
     if kind in (bool, "bool"):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
     else:
-        parser.add_argument(flag, type={"float": float, "int": int}.get(str(kind), str), default=default, help=text)
+        # an optional field ("float | None", default None: per variant) takes the type of its values
+        kind = str(kind).removesuffix(" | None")
+        parser.add_argument(flag, type={"float": float, "int": int}.get(kind, str), default=default, help=text)
 
 
 def parse(argv: list[str] | None = None) -> Config:

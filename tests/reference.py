@@ -1,4 +1,6 @@
-"""An independent float64 NumPy reference of docs/algorithm.md, with NumPy base optimizers.
+"""An independent float64 NumPy reference of docs/algorithm.md (the original form) and of the
+invariant form (its specification: the variant="invariant" notes in ``Mechanic`` below), with NumPy
+base optimizers.
 
 Written from the specification, not from manic's code: the tests compare manic against it.
 Base optimizers return their update ``u`` exactly (torch's default hyperparameters).
@@ -68,23 +70,41 @@ class Adagrad:
 
 
 class Mechanic:
-    """docs/algorithm.md, one flat float64 vector of all parameters."""
+    """docs/algorithm.md, one flat float64 vector of all parameters.
 
-    def __init__(self, x, base, weight_decay=1e-2, eps=1e-8, s_init=1e-6, num_betas=6, store_delta=True):
+    ``variant="original"`` is the authors' update. ``variant="invariant"`` measures the tuner in
+    units of the base learning rate: ``lr_ref`` (the lr of the first step, unless given) divides
+    the direction, ``sum(s)`` is an effective learning rate S' and the factor on Delta is
+    S = S' / lr_ref; the start s_init is paid in as wealth at the first non-zero h, and the floor is
+    s_init * 1e-3. ``delta`` is Delta in the base optimizer's units in both variants.
+    """
+
+    FLOOR = 1e-3  # the invariant form's floor, as a fraction of s_init
+
+    def __init__(self, x, base, weight_decay=1e-2, eps=1e-8, s_init=1e-6, num_betas=6, store_delta=True,
+                 variant="original", lr_ref=None):
+        if variant not in ("original", "invariant"):
+            raise ValueError(variant)
         self.x = np.array(x, dtype=np.float64)
         self.base, self.lam, self.eps, self.s_init, self.n = base, weight_decay, eps, s_init, num_betas
-        self.store_delta = store_delta
+        self.store_delta, self.variant = store_delta, variant
         self.beta = np.array([1 - 10.0 ** (-i) for i in range(1, num_betas + 1)])
         self.r, self.m, self.v = np.zeros(num_betas), np.zeros(num_betas), np.zeros(num_betas)
         self.s = np.full(num_betas, s_init)
         self.x_ref = None
         self.delta = None
+        self.lr_ref = 1.0 if variant == "original" else lr_ref  # None: the first step's lr
 
     @property
     def scale(self) -> float:
+        """S, the factor on Delta."""
+        if self.variant == "invariant":
+            return float(self.s.sum() / (self.lr_ref if self.lr_ref is not None else 1.0))
         return float(self.s.sum())
 
     def step(self, g, lr):
+        if self.variant == "invariant":
+            return self._step_invariant(g, lr)
         g = np.asarray(g, dtype=np.float64)
         if self.x_ref is None:
             self.x_ref, self.delta = self.x.copy(), np.zeros_like(self.x)
@@ -101,3 +121,28 @@ class Mechanic:
         u = self.base.update(x, g, lr)
         self.delta = D + u
         self.x = self.x_ref + self.s.sum() * self.delta
+
+    def _step_invariant(self, g, lr):
+        g = np.asarray(g, dtype=np.float64)
+        if self.x_ref is None:
+            self.x_ref, self.delta = self.x.copy(), np.zeros_like(self.x)
+            if self.lr_ref is None:
+                self.lr_ref = float(lr)
+        L, x, eps = self.lr_ref, self.x, self.eps
+        S_eff = self.s.sum()  # S' = sum(s), an effective learning rate; the factor on Delta is S'/L
+        # the normalized direction Delta' = Delta / L; in the recompute form x - x_ref = S' * Delta'
+        D = self.delta / L if self.store_delta else (x - self.x_ref) / (S_eff + eps)
+        gn, xn = np.linalg.norm(g), np.linalg.norm(x)
+        gt = g + self.lam * S_eff * gn / (xn + eps) * x
+        h = float(gt @ D)
+        if h != 0 and not self.v.any():  # the first non-zero h: the start becomes wealth
+            self.r = np.full(self.n, self.s_init / self.n * abs(h))
+        hc = np.clip(h, -self.m, self.m)
+        self.m = np.maximum(self.beta * self.m, abs(h) + eps)
+        self.v = self.beta ** 2 * self.v + h * h
+        self.r = self.beta * self.r - hc * self.s
+        floor = self.s_init * self.FLOOR
+        self.s = (floor / self.n * self.m + np.maximum(self.r, 0)) / (np.sqrt(self.v) + eps)
+        u = self.base.update(x, g, lr)
+        self.delta = L * D + u  # back in the base optimizer's units
+        self.x = self.x_ref + self.s.sum() / L * self.delta

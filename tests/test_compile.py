@@ -7,24 +7,32 @@ import torch
 
 import manic
 
+ORIGINAL = {"variant": "original", "s_init": 1e-6, "weight_decay": 1e-2}  # optax's values
+
 
 @pytest.mark.timeout(600)
-def test_compiled_model_trains_like_eager():
+@pytest.mark.parametrize("variant", ["original", "invariant"])
+def test_compiled_model_trains_like_eager(variant):
+    """The compiled forward rounds differently in float32 (~1e-7). In the original form the scale is
+    still small after 30 steps; the invariant form rises to an effective lr near the base lr within
+    ~20 steps, after which such differences grow chaotically (2e-3 by step 30), so it compares 20
+    steps, more tightly."""
+    options, steps, rel = (ORIGINAL, 30, 1e-3) if variant == "original" else ({"variant": "invariant"}, 20, 1e-5)
     X = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
     y = X[:, :1].sin()
     runs = []
     for compiled in (False, True):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 1))
-        opt = manic.mechanize(torch.optim.AdamW(model.parameters(), lr=1e-2))
+        opt = manic.mechanize(torch.optim.AdamW(model.parameters(), lr=1e-2), **options)
         fwd = torch.compile(model) if compiled else model
-        for _ in range(30):
+        for _ in range(steps):
             opt.zero_grad()
             torch.nn.functional.mse_loss(fwd(X), y).backward()
             opt.step()
         runs.append((opt.scale.item(), [p.detach().clone() for p in model.parameters()]))
     (s_eager, p_eager), (s_comp, p_comp) = runs
-    assert s_eager > 1e-5
-    assert s_comp == pytest.approx(s_eager, rel=1e-3)
+    assert s_eager > (1e-5 if variant == "original" else 0.1)
+    assert s_comp == pytest.approx(s_eager, rel=rel)
     for a, b in zip(p_comp, p_eager):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(a, b, rtol=rel, atol=rel / 10)

@@ -161,9 +161,11 @@ def test_16bit_delta_and_tuner_are_float32(dtype):
 
 def test_tuner_dtype_follows_float64_model():
     p = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    opt = manic.mechanize(torch.optim.SGD([p], lr=0.1))
+    opt = manic.mechanize(torch.optim.SGD([p], lr=0.1), variant="original", s_init=1e-6, weight_decay=1e-2)
     assert opt.scale.dtype == torch.float64
     assert opt.scale.item() == pytest.approx(6 * 1e-6)  # n * s_init before the first step
+    inv = manic.mechanize(torch.optim.SGD([p], lr=0.1), variant="invariant")
+    assert inv.scale.dtype == torch.float64 and inv.param_groups[0]["mechanic_lr_ref"].dtype == torch.float64
 
 
 def test_state_keys_are_prefixed():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import manic
+from manic.state import FORMAT_VERSION
 
 F64 = torch.float64
 
@@ -165,6 +166,9 @@ BAD_HYPER = [
     ("weight_decay", float("-inf"), ValueError, r"weight_decay.*finite"),
     ("weight_decay", "0.01", TypeError, "weight_decay"),
     ("store_delta", 1, TypeError, "store_delta"),
+    ("variant", "scale_free", ValueError, r"variant.*'invariant', 'original'"),
+    ("variant", None, ValueError, "variant"),
+    ("variant", 1, ValueError, "variant"),
 ]
 
 
@@ -497,6 +501,25 @@ def _version(form, v):
     return sd
 
 
+def _version1(form):
+    """A version-1 state dict (before lr_ref and variant), from an original-form run."""
+    sd = copy.deepcopy(_donor(form, variant="original"))
+    tuner = sd["param_groups"][0] if form == "dropin" else sd["tuner"]
+    del tuner["mechanic_lr_ref"], tuner["mechanic_variant"]
+    tuner["mechanic_version"] = 1
+    return sd
+
+
+def _tuner_entry(form, key, value):
+    sd = copy.deepcopy(_donor(form))
+    tuner = sd["param_groups"][0] if form == "dropin" else sd["tuner"]
+    if value is None:
+        del tuner[key]
+    else:
+        tuner[key] = value
+    return sd
+
+
 BAD_LOADS = [
     # (id, donor factory(form), message pattern)
     ("weight_decay", lambda f: _donor(f, weight_decay=0.1), r"weight_decay=0\.1"),
@@ -506,7 +529,11 @@ BAD_LOADS = [
     ("store_delta", lambda f: _donor(f, store_delta=False), r"store_delta"),
     ("other model: shapes", lambda f: _donor(f, shapes=((3, 4), (3,))), r"shape"),
     ("other model: more params", lambda f: _donor(f, shapes=((4, 3), (3,), (2,))), r"parameter|param"),
-    ("version 2", lambda f: _version(f, 2), r"[Vv]ersion"),
+    ("variant", lambda f: _donor(f, variant="original"), r"variant='original'"),
+    ("version 1 (the original form)", _version1, r"variant='original'.*variant='invariant'"),
+    ("lr_ref missing", lambda f: _tuner_entry(f, "mechanic_lr_ref", None), r"mechanic_lr_ref"),
+    ("lr_ref of shape (1,)", lambda f: _tuner_entry(f, "mechanic_lr_ref", torch.ones(1)), r"mechanic_lr_ref"),
+    ("version 3", lambda f: _version(f, FORMAT_VERSION + 1), r"[Vv]ersion"),  # (a future one)
     ("version 99", lambda f: _version(f, 99), r"[Vv]ersion"),
     ("version '1'", lambda f: _version(f, "1"), r"[Vv]ersion"),
     ("version missing", lambda f: _version(f, None), r"[Vv]ersion"),

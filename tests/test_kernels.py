@@ -310,6 +310,28 @@ def test_rebase_recompute_exact_small_case(fn):
     assert x.tolist() == [3.0, 1.0]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_rebase_recompute_eps_as_a_tensor(kind):
+    """The engine passes eps / lr_ref, a 0-dim tensor in the tuner's dtype (lr_ref is 1 in the
+    original form): with lr_ref = 1 every bit is as with the float eps; with lr_ref = 2 it is eps / 2."""
+    sp, xs, refs, diffs, S_old, S_new, okt = recompute_inputs(kind, 5, True)
+    one, two = torch.ones((), dtype=S_old.dtype), torch.full((), 2.0, dtype=S_old.dtype)
+    for fn in (kernels.rebase_recompute_eager, kernels.rebase_recompute_fusable):
+        runs = {}
+        for name, eps in (("float", EPS), ("tensor", EPS / one), ("half float", EPS / 2), ("half tensor", EPS / two)):
+            x_out = [t.clone() for t in xs]
+            fn(x_out, refs, diffs, S_old, S_new, okt, eps)
+            runs[name] = x_out
+        assert all(torch.equal(a, b) for a, b in zip(runs["float"], runs["tensor"])), fn.__name__
+        assert all(torch.equal(a, b) for a, b in zip(runs["half float"], runs["half tensor"])), fn.__name__
+    # the exact small case with eps = 0.5 / lr_ref, lr_ref = 2
+    x = torch.tensor([1.75, 1.75], dtype=F64)
+    kernels.rebase_recompute_eager([x], [torch.tensor([1.0, 2.0], dtype=F64)], [torch.tensor([0.5, -0.25], dtype=F64)],
+                                   torch.tensor(0.25, dtype=F64), torch.tensor(2.0, dtype=F64), torch.tensor(True),
+                                   0.5 / torch.tensor(2.0, dtype=F64))
+    assert x.tolist() == [3.5, 1.0]
+
+
 def test_eager_kernels_are_the_default_set():
     assert kernels.EAGER == (kernels.partial_sums_eager, kernels.rebase_eager, kernels.rebase_recompute_eager)
     assert math.isfinite(EPS)

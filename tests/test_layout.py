@@ -19,6 +19,7 @@ import torch
 import manic
 import reference as ref
 from helpers import flat
+from manic.options import DEFAULTS
 
 F64 = torch.float64
 SHAPES = [(4, 3), (3,), (2, 5)]
@@ -220,16 +221,19 @@ def test_freezing_after_steps_drops_the_buffers_and_keeps_the_value():
     assert not any(k.startswith("mechanic_") for k in opt.state[params[0]])
 
 
+@pytest.mark.parametrize("variant", ["original", "invariant"])
 @pytest.mark.parametrize("store_delta", [True, False])
-def test_frozen_parameters_match_the_reference_without_them_and_unfreezing_joins_with_delta_zero(store_delta):
+def test_frozen_parameters_match_the_reference_without_them_and_unfreezing_joins_with_delta_zero(store_delta,
+                                                                                               variant):
     """Steps 0-14 with parameter 1 frozen equal the NumPy reference over parameters 0 and 2
     alone; at step 15 it is unfrozen and joins with its current value as reference and Delta 0,
     which the reference expresses as a parameter added with x_ref = its value, Delta = 0."""
     params = make()
     params[1].requires_grad_(False)
-    opt = manic.mechanize(torch.optim.SGD(params, lr=0.05), store_delta=store_delta)
+    hyper = {"variant": variant, **DEFAULTS[variant]}  # the original's: optax's s_init 1e-6, weight_decay 1e-2
+    opt = manic.mechanize(torch.optim.SGD(params, lr=0.05), store_delta=store_delta, **hyper)
     trainable = [params[0], params[2]]
-    mech = ref.Mechanic(flat(trainable), ref.SGD(0.05), store_delta=store_delta)
+    mech = ref.Mechanic(flat(trainable), ref.SGD(0.05), store_delta=store_delta, **hyper)
     for t in range(15):
         step(opt, t)
         mech.step(flat([p.grad for p in trainable]), 0.05)
@@ -245,20 +249,22 @@ def test_frozen_parameters_match_the_reference_without_them_and_unfreezing_joins
         # Delta started at 0 and holds exactly this step's base update: -lr * g
         torch.testing.assert_close(buf["mechanic_delta"], -0.05 * params[1].grad, rtol=1e-14, atol=0)
     # the same step in the reference: a fourth block joins with x_ref = x, Delta = 0
-    mech_all = _reference_with_join(mech, frozen_value, store_delta)
+    mech_all = _reference_with_join(mech, frozen_value, store_delta, hyper)
     mech_all.step(flat([params[0].grad, params[2].grad, params[1].grad]), 0.05)
     assert abs(opt.scale.item() - mech_all.scale) <= 1e-12 * mech_all.scale
     assert np.allclose(flat([params[0], params[2], params[1]]), mech_all.x, rtol=0, atol=1e-12)
 
 
-def _reference_with_join(mech: "ref.Mechanic", value: torch.Tensor, store_delta: bool) -> "ref.Mechanic":
+def _reference_with_join(mech: "ref.Mechanic", value: torch.Tensor, store_delta: bool, hyper: dict) -> "ref.Mechanic":
     v = value.reshape(-1).numpy()
-    out = ref.Mechanic(np.concatenate([mech.x, v]), ref.SGD(0.05), store_delta=store_delta)
+    out = ref.Mechanic(np.concatenate([mech.x, v]), ref.SGD(0.05), store_delta=store_delta, lr_ref=mech.lr_ref,
+                       **hyper)
     out.r, out.m, out.v, out.s = mech.r.copy(), mech.m.copy(), mech.v.copy(), mech.s.copy()
     out.x_ref = np.concatenate([mech.x_ref, v])
     S = mech.s.sum()
+    # (the recompute form reads its direction from x - x_ref, which is 0 for the joining block too)
     d = mech.delta if store_delta else (mech.x - mech.x_ref) / (S + mech.eps)
-    out.delta = np.concatenate([d, np.zeros_like(v)])  # (the recompute form reads x - x_ref = 0 there too)
+    out.delta = np.concatenate([d, np.zeros_like(v)])
     return out
 
 

@@ -10,7 +10,7 @@ import torch
 import manic
 from helpers import init_params
 
-MECH_GROUP_KEYS = ("mechanic_r", "mechanic_m", "mechanic_v", "mechanic_s")
+MECH_GROUP_KEYS = ("mechanic_r", "mechanic_m", "mechanic_v", "mechanic_s", "mechanic_lr_ref")
 
 
 def _grads(params, t):
@@ -29,11 +29,12 @@ def _snapshot(opt, params):
                           [{k: v for k, v in opt.state[p].items()} for p in params], [p.detach() for p in params]))
 
 
+@pytest.mark.parametrize("variant", ["invariant", "original"])
 @pytest.mark.parametrize("store_delta", [True, False])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_nonfinite_step_leaves_mechanic_state(store_delta, bad):
+def test_nonfinite_step_leaves_mechanic_state(store_delta, bad, variant):
     params = init_params(0)
-    opt = manic.mechanize(torch.optim.SGD(params, lr=0.1), store_delta=store_delta)
+    opt = manic.mechanize(torch.optim.SGD(params, lr=0.1), store_delta=store_delta, variant=variant)
     for t in range(15):
         _step(opt, params, _grads(params, t))
     tuner, state, xs = _snapshot(opt, params)
@@ -79,3 +80,27 @@ def test_skip_nonfinite_skips_the_whole_step():
     for a, b in zip(params, clean):
         assert torch.equal(a, b)
         assert torch.equal(opt.state[a]["exp_avg"], ref.state[b]["exp_avg"])
+
+
+def test_nonfinite_first_nonzero_h_waits_for_the_wealth():
+    """Invariant form: the first step (h = 0) moves at the floor; a non-finite second step is skipped
+    (no wealth paid in, lr_ref kept); the next finite step pays it, as if the bad step had not come."""
+    params, clean = init_params(0), init_params(0)
+    opt = manic.mechanize(torch.optim.SGD(params, lr=0.1))
+    ref = manic.mechanize(torch.optim.SGD(clean, lr=0.1))
+    _step(opt, params, _grads(params, 0))
+    _step(ref, clean, _grads(clean, 0))
+    floor = manic.options.DEFAULTS["invariant"]["s_init"] * manic.tuner.FLOOR
+    assert opt.effective_lr[0].item() == pytest.approx(floor, rel=1e-12)
+    bad = _grads(params, 1)
+    bad[0][0, 0] = float("nan")
+    _step(opt, params, bad)
+    assert opt.stats()["skipped_steps"].item() == 1 and opt.param_groups[0]["mechanic_lr_ref"].item() == 0.1
+    assert torch.equal(opt.param_groups[0]["mechanic_r"], torch.zeros(6, dtype=torch.float64))
+    for t in range(1, 6):
+        _step(opt, params, _grads(params, t))
+        _step(ref, clean, _grads(clean, t))
+    assert opt.effective_lr[0].item() > 100 * floor  # the start was paid in
+    torch.testing.assert_close(opt.scale, ref.scale, rtol=1e-12, atol=0)
+    for a, b in zip(params, clean):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)

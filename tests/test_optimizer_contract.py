@@ -14,6 +14,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import manic
+from manic.options import DEFAULTS
 
 F64 = torch.float64
 
@@ -447,13 +448,15 @@ def test_first_step_without_gradients_leaves_params_unchanged():
 
 
 # --------------------------------------------------------------------------- add_param_group
+@pytest.mark.parametrize("variant", ["original", "invariant"])
 @pytest.mark.parametrize("store_delta", [True, False])
 @pytest.mark.parametrize("when", ["before_first_step", "after_steps"])
-def test_add_param_group_brings_new_params_under_mechanic(store_delta, when, tmp_path):
+def test_add_param_group_brings_new_params_under_mechanic(store_delta, when, variant, tmp_path):
     def build(seed=0):
         model = make_model(seed)
         extra = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 5, dtype=F64))
-        opt = manic.mechanize(torch.optim.SGD(model.parameters(), lr=0.05), store_delta=store_delta)
+        opt = manic.mechanize(torch.optim.SGD(model.parameters(), lr=0.05), store_delta=store_delta,
+                              variant=variant, **DEFAULTS[variant])
         return model, extra, opt
 
     def extra_grad(t):
@@ -478,14 +481,20 @@ def test_add_param_group_brings_new_params_under_mechanic(store_delta, when, tmp
         x, S_old = extra.detach().clone(), opt.scale.clone()
         step(model, extra, opt, t, True)
         S_new = opt.scale
+        # lr_ref: 1 in the original form; in the invariant one the largest lr when Mechanic started
+        lr_ref = opt.param_groups[0]["mechanic_lr_ref"].item()
+        assert lr_ref == {"original": 1.0, "invariant": 0.1 if when == "before_first_step" else 0.05}[variant]
         u = -0.1 * extra_grad(t)  # the base (plain SGD) update
         # it moves as every parameter under Mechanic: x = x_ref + S * (accumulated updates)
         if store_delta:
             D = D + u
-        else:
-            D = (x - ref) / (S_old + opt.hyper.eps) + u
+        else:  # the direction in the base's units: (x - x_ref) / S (eps is in units of S * lr_ref)
+            D = (x - ref) / (S_old + opt.hyper.eps / lr_ref) + u
         torch.testing.assert_close(extra.detach() - ref, S_new * D, rtol=1e-6, atol=0)
-        assert S_new.item() < 1e-3  # far less than the base's own step
+        if variant == "original":
+            assert S_new.item() < 1e-3  # far less than the base's own step
+        else:  # S' = S * lr_ref, an effective lr, stays near its start s_init (far below the base lrs)
+            assert S_new.item() * lr_ref < 10 * DEFAULTS["invariant"]["s_init"]
     assert torch.equal(opt.state[extra]["mechanic_ref"], ref)
     assert "mechanic_ref" in opt.state[extra]
     assert ("mechanic_delta" in opt.state[extra]) == store_delta

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import manic
-from manic.options import NAMES, Options
+from manic.options import DEFAULTS, HYPER_NAMES, NAMES, Options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +46,36 @@ def test_documented_options_are_exactly_the_fields_with_their_defaults():
         assert documented[name] == default and type(documented[name]) is type(default), name
 
 
+def test_documented_per_variant_defaults_are_manics():
+    """The rows of the options that default to None say what None means in each variant, with
+    the values of manic.options.DEFAULTS (which a study may still change)."""
+    rows = {}
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for line in path.read_text().splitlines():
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if line.startswith("|") and len(cells) >= 3 and re.fullmatch(r"`(s_init|weight_decay)`", cells[0]):
+                rows[cells[0].strip("`")] = cells[2]
+    assert set(rows) == {"s_init", "weight_decay"}
+    for name, meaning in rows.items():
+        for variant, values in DEFAULTS.items():
+            said = re.search(rf"`([^`]+)`[^`]*{variant}", meaning)  # "`value` ... variant"
+            assert said and ast.literal_eval(said.group(1)) == values[name], (name, variant, meaning)
+
+
+def test_none_resolves_per_variant():
+    assert set(DEFAULTS) == {"invariant", "original"}
+    assert DEFAULTS["original"] == {"s_init": 1e-6, "weight_decay": 1e-2}  # optax's (the invariant's may change)
+    assert Options().variant == "invariant" and Options().s_init is None and Options().weight_decay is None
+    for variant, values in DEFAULTS.items():
+        h = Options(variant=variant).hyper
+        assert (h.variant, h.s_init, h.weight_decay) == (variant, values["s_init"], values["weight_decay"])
+        # an explicit value is kept, in either variant
+        h = Options(variant=variant, s_init=3e-4, weight_decay=0.0).hyper
+        assert (h.s_init, h.weight_decay) == (3e-4, 0.0)
+    with pytest.raises(ValueError, match="variant"):
+        Options(variant="both")
+
+
 @pytest.mark.parametrize("entry", ["mechanize", "Mechanic"])
 def test_entry_points_show_the_options_signature(entry):
     fn = manic.mechanize if entry == "mechanize" else manic.Mechanic
@@ -62,7 +92,12 @@ def test_entry_points_build_the_same_options():
     b = manic.Mechanic(manic.Updater(torch.optim.SGD(p, lr=0.1)), **kw).options
     c = manic.Mechanized(torch.optim.SGD(p, lr=0.1), Options(**kw)).options
     assert a == b == c == Options(**kw)
-    assert a.hyper == manic.Hyper(weight_decay=0.05, eps=1e-7, s_init=1e-5, num_betas=3, store_delta=False)
+    assert a.hyper == manic.Hyper(weight_decay=0.05, eps=1e-7, s_init=1e-5, num_betas=3, store_delta=False,
+                                  variant="invariant")
+    kw["variant"] = "original"
+    a = manic.mechanize(torch.optim.SGD(p, lr=0.1), **kw).options
+    b = manic.Mechanic(manic.Updater(torch.optim.SGD(p, lr=0.1)), **kw).options
+    assert a == b == Options(**kw) and a.hyper.variant == "original"
 
 
 def test_options_are_frozen_and_validated_once():
@@ -74,6 +109,7 @@ def test_options_are_frozen_and_validated_once():
     with pytest.raises(TypeError, match="unexpected keyword.*lr"):
         Options.from_kwargs("mechanize", {"lr": 1.0})
     assert NAMES[:5] == ("weight_decay", "eps", "s_init", "num_betas", "store_delta")
+    assert HYPER_NAMES == NAMES[:6] == (*NAMES[:5], "variant")
 
 
 def test_the_launcher_builds_its_mechanic_options_from_options():
@@ -87,7 +123,11 @@ def test_the_launcher_builds_its_mechanic_options_from_options():
     assert config.parse([]).mechanic_options == Options()
     cfg = config.parse(["--s-init", "1e-4", "--no-store-delta", "--mechanic-eps", "1e-7", "--compile"])
     assert cfg.mechanic_options == Options(s_init=1e-4, store_delta=False, eps=1e-7, compile=True)
+    cfg = config.parse(["--variant", "original", "--mechanic-weight-decay", "0.5"])
+    assert cfg.mechanic_options == Options(variant="original", weight_decay=0.5)
     assert set(config.MECHANIC_FLAGS) == {f.name for f in dataclasses.fields(Options)} - {
         "reducer", "process_group", "device_mesh"}
     with pytest.raises(SystemExit, match="s_init"):
         config.parse(["--s-init", "-1"])
+    with pytest.raises(SystemExit, match="variant"):
+        config.parse(["--variant", "both"])

@@ -1,13 +1,15 @@
 """state.py: hiding Mechanic's buffers from the base optimizer's lazy state initialisation, and
-the state-dict layout."""
+the state-dict layout and its format versions."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 import manic
-from manic.state import DELTA, REF, hidden, strip_mechanic
+from manic.state import DELTA, FORMAT_VERSION, REF, hidden, strip_mechanic
 
 F64 = torch.float64
 LAZY = {
@@ -84,4 +86,108 @@ def test_strip_mechanic_splits_a_full_state_dict():
     assert not any(k.startswith("mechanic_") for g in base["param_groups"] for k in g)
     assert all(not any(k.startswith("mechanic_") for k in st) for st in base["state"].values())
     assert sorted(mine["state"]) == [0, 1] and set(mine["state"][0]) == {REF, DELTA}
-    assert mine["tuner"]["mechanic_version"] == 1
+    assert mine["tuner"]["mechanic_version"] == FORMAT_VERSION == 2
+    # version 2 added the invariant form's unit and the variant; the unit is its base lr
+    assert mine["tuner"]["mechanic_variant"] == "invariant"
+    assert torch.equal(mine["tuner"]["mechanic_lr_ref"], torch.tensor(1e-2, dtype=F64))
+
+
+# --------------------------------------------------------------------------- format versions
+def _run(form: str, variant: str, steps: int, sd=None, seed: int = 0, start: int = 0):
+    """A small AdamW run with a cosine schedule in either form; loads ``sd`` (what this returns:
+    the form's state dicts and the parameters) before stepping, if given, and steps from step
+    ``start`` on. Returns (params, the state dicts after the steps, scales)."""
+    params = [_param(seed), _param(seed + 1)]
+    base = torch.optim.AdamW(params, lr=1e-2)
+    if form == "dropin":
+        opt = manic.mechanize(base, variant=variant)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 20)
+        holder, load = opt, opt.load_state_dict
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, 20)
+        updater = manic.Updater(base, sched)
+        holder = manic.Mechanic(updater, variant=variant)
+        load = holder.load_state_dict
+    if sd is not None:
+        sd = dict(sd)
+        with torch.no_grad():
+            for p, q in zip(params, sd.pop("params")):
+                p.copy_(q)
+        if form == "seed":
+            updater.load_state_dict(sd["updater"])
+            sd = sd["mechanic"]
+        else:
+            sched.load_state_dict(sd.pop("sched"))
+        load(sd)
+    scales = []
+    for t in range(start, start + steps):
+        g = torch.Generator().manual_seed(100 + t)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=F64) + 0.3
+        if form == "dropin":
+            opt.step()
+            sched.step()
+        else:
+            holder.step()
+            updater.step()
+        scales.append(holder.scale.clone())
+    if form == "dropin":
+        out = {**opt.state_dict(), "sched": sched.state_dict()}
+    else:
+        out = {"updater": updater.state_dict(), "mechanic": holder.state_dict()}
+    out["params"] = [p.detach().clone() for p in params]
+    return params, out, scales
+
+
+def _as_version1(sd, form):
+    """What manic wrote before the invariant form: no mechanic_lr_ref, no mechanic_variant, version 1."""
+    sd = copy.deepcopy(sd)
+    tuner = sd["param_groups"][0] if form == "dropin" else sd["mechanic"]["tuner"]
+    del tuner["mechanic_lr_ref"], tuner["mechanic_variant"]
+    tuner["mechanic_version"] = 1
+    return sd
+
+
+@pytest.mark.parametrize("form", ["dropin", "seed"])
+def test_version1_state_dict_resumes_the_original_form_bitwise(form, tmp_path):
+    _, mid, _ = _run(form, "original", 6)
+    tuner = mid["param_groups"][0] if form == "dropin" else mid["mechanic"]["tuner"]
+    assert tuner["mechanic_variant"] == "original" and tuner["mechanic_lr_ref"].item() == 1.0
+    full_params, _, full_scales = _run(form, "original", 12)
+    torch.save(_as_version1(mid, form), tmp_path / "v1.pt")
+    old = torch.load(tmp_path / "v1.pt", weights_only=True)
+    params, after, scales = _run(form, "original", 6, sd=old, seed=7, start=6)
+    assert all(torch.equal(a, b) for a, b in zip(scales, full_scales[6:]))
+    assert all(torch.equal(a, b) for a, b in zip(params, full_params))
+    # saved again, it is a version-2 state dict of the original form, lr_ref 1
+    tuner = after["param_groups"][0] if form == "dropin" else after["mechanic"]["tuner"]
+    assert tuner["mechanic_version"] == 2 and tuner["mechanic_variant"] == "original"
+    assert tuner["mechanic_lr_ref"].item() == 1.0 and tuner["mechanic_lr_ref"].dtype == F64
+
+
+@pytest.mark.parametrize("form", ["dropin", "seed"])
+def test_version1_state_dict_is_refused_by_the_invariant_form(form):
+    _, mid, _ = _run(form, "original", 6)
+    old = _as_version1(mid, form)
+    params = [_param(0), _param(1)]
+    base = torch.optim.AdamW(params, lr=1e-2)
+    holder = manic.mechanize(base) if form == "dropin" else manic.Mechanic(manic.Updater(base))
+    before = copy.deepcopy(holder.state_dict())
+    with pytest.raises(ValueError, match=r"variant='original'.*variant='invariant'.*variant='original'"):
+        holder.load_state_dict(old if form == "dropin" else old["mechanic"])
+    after = holder.state_dict()
+    assert before.keys() == after.keys() and repr(before) == repr(after)  # nothing changed
+
+
+@pytest.mark.parametrize("form", ["dropin", "seed"])
+@pytest.mark.parametrize("saved,loading", [("invariant", "original"), ("original", "invariant")])
+def test_state_dict_of_one_variant_is_refused_by_the_other(form, saved, loading):
+    _, mid, _ = _run(form, saved, 3)
+    sd = mid if form == "dropin" else mid["mechanic"]
+    sd.pop("params", None), sd.pop("sched", None)
+    params = [_param(0), _param(1)]
+    base = torch.optim.AdamW(params, lr=1e-2)
+    holder = (manic.mechanize(base, variant=loading) if form == "dropin"
+              else manic.Mechanic(manic.Updater(base), variant=loading))
+    with pytest.raises(ValueError, match=f"variant={saved!r} but this Mechanic has variant={loading!r}"):
+        holder.load_state_dict(sd)

@@ -14,7 +14,7 @@ hyperparameters under ``optimizer.param_groups[0]["mechanic_*"]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -131,7 +131,7 @@ class Engine:
         if not self._checked:
             o, h = self.options, self.hyper
             check_config({"weight_decay": h.weight_decay, "eps": h.eps, "s_init": h.s_init,
-                          "num_betas": h.num_betas, "store_delta": h.store_delta,
+                          "num_betas": h.num_betas, "store_delta": h.store_delta, "variant": h.variant,
                           "reducer": type(layout.reducer).__name__,
                           # pipeline stages (an explicit group) hold different parameters
                           "num_params": len(layout.slots) if o.process_group is None and o.reducer is None else None},
@@ -151,12 +151,14 @@ class Engine:
             if self._all_lr_zero():
                 return Plan(layout, buffers, False, state, None)
             started = True
+            if self.hyper.variant == "invariant":
+                state = replace(state, lr_ref=torch.tensor(self._lr_ref(), dtype=layout.dtype, device=layout.device))
         sums, diffs = self._local_sums(layout, buffers)
         sums = layout.reducer.all_reduce_sum(sums)
         new, h, ok = tuner.update(state, sums, self.hyper, self._betas(layout))
         last = {"h": h, "grad_norm": sums[tuner.G_SQ].sqrt(), "param_norm": sums[tuner.X_SQ].sqrt()}
         skip_base = self.options.skip_nonfinite and not bool(ok)  # the one host sync, by request
-        return Plan(layout, buffers, started, state, Update(new, state.s.sum(), ok, diffs, skip_base, last))
+        return Plan(layout, buffers, started, state, Update(new, state.scale, ok, diffs, skip_base, last))
 
     def _betas(self, layout: Layout) -> Tensor:
         """The betas in the tuner's dtype on its device, built once per layout dtype and device
@@ -165,6 +167,17 @@ class Engine:
         if beta is None or beta.dtype != layout.dtype or beta.device != layout.device:
             beta = self._beta = tuner.betas(self.hyper.num_betas, layout.dtype, layout.device)
         return beta
+
+    def _lr_ref(self) -> float:
+        """The invariant form's unit: the largest base learning rate of Mechanic's groups, before any
+        schedule (torch's LR schedulers keep it as ``initial_lr``)."""
+        lrs = [float(g.get("initial_lr", g["lr"])) for g in self.optimizer.param_groups if g.get("mechanic", True)]
+        lr = max(lrs)
+        if not (0 < lr < float("inf")):
+            raise ValueError(f"Mechanic's invariant variant measures its scale in units of the base learning rate, "
+                             f"but the largest lr of its param groups is {lr!r}; give the groups a finite positive "
+                             "lr, or pass variant='original'")
+        return lr
 
     def _all_lr_zero(self) -> bool:
         lrs = [g.get("lr") for g in self.optimizer.param_groups if g.get("mechanic", True)]
@@ -225,14 +238,14 @@ class Engine:
         self._last = u.last
         if u.skip_base:
             return
-        S_new = u.tuner.s.sum()
+        S_new = u.tuner.scale
         xs = [local(p) for p in plan.layout.params]
         refs = [local(plan.buffers[s.index][REF]) for s in plan.layout.slots]
         if self.hyper.store_delta:
             ds = [local(plan.buffers[s.index][DELTA]) for s in plan.layout.slots]
             self._kernels.rebase(xs, refs, ds, u.S_old, S_new, u.ok)
         else:
-            self._kernels.rebase_recompute(xs, refs, u.diffs, u.S_old, S_new, u.ok, self.hyper.eps)
+            self._kernels.rebase_recompute(xs, refs, u.diffs, u.S_old, S_new, u.ok, self.hyper.eps / u.tuner.lr_ref)
 
     def _install(self, layout: Layout, buffers: dict[int, Buffers], state: TunerState) -> None:
         self.layout, self.buffers = layout, buffers
@@ -243,7 +256,7 @@ class Engine:
     # ------------------------------------------------------------------ what users read
     @property
     def scale(self) -> Tensor:
-        return self.tuner.s.sum()
+        return self.tuner.scale
 
     def stats(self) -> dict[str, Tensor]:
         out = {"scale": self.scale, "step": self.tuner.step, "skipped_steps": self.tuner.skipped}
@@ -255,7 +268,7 @@ class Engine:
         """Make the base optimizer's state and first param group carry Mechanic's tensors
         (a no-op when nothing changed since the last call)."""
         group, state = self.optimizer.param_groups[0], self.optimizer.state
-        if group.get("mechanic_s") is not self.tuner.s:
+        if group.get("mechanic_s") is not self.tuner.s or group.get("mechanic_lr_ref") is not self.tuner.lr_ref:
             group.update(group_entries(self.tuner, self.hyper))
         key = (state, self.layout, self.buffers)
         if len(self._published) == 3 and all(a is b for a, b in zip(key, self._published)):

@@ -90,7 +90,7 @@ def rebase_fusable(xs: list[Tensor], refs: list[Tensor], ds: list[Tensor], S_old
 
 
 def rebase_recompute_eager(xs: list[Tensor], refs: list[Tensor], diffs: list[Tensor], S_old: Tensor,
-                           S_new: Tensor, ok: Tensor, eps: float) -> None:
+                           S_new: Tensor, ok: Tensor, eps: Tensor | float) -> None:
     """store_delta=False. diffs hold x_t - x_ref (taken before the base step).
     x <- x_ref + S_new * (D_t + u) with D_t = diffs / (S_old + eps), u = x_after - x_t."""
     inv = torch.reciprocal(S_old + eps)
@@ -111,7 +111,7 @@ def rebase_recompute_eager(xs: list[Tensor], refs: list[Tensor], diffs: list[Ten
 
 
 def rebase_recompute_fusable(xs: list[Tensor], refs: list[Tensor], diffs: list[Tensor], S_old: Tensor,
-                             S_new: Tensor, ok: Tensor, eps: float) -> None:
+                             S_new: Tensor, ok: Tensor, eps: Tensor | float) -> None:
     inv = torch.reciprocal(S_old + eps)
     for x, r, dd in zip(xs, refs, diffs):
         u = torch.where(ok, x - r - dd, 0.0)

@@ -13,6 +13,11 @@ from typing import Any, Callable
 from .tuner import Hyper
 
 
+# What s_init=None and weight_decay=None mean in each variant: the original's are optax's, the
+# invariant form's come from the study in docs/tuning.md.
+DEFAULTS = {"invariant": {"s_init": 1e-3, "weight_decay": 4.0}, "original": {"s_init": 1e-6, "weight_decay": 1e-2}}
+
+
 def _doc(text: str) -> dict[str, str]:
     return {"doc": text}
 
@@ -22,11 +27,15 @@ class Options:
     """Mechanic's hyperparameters and options (keyword arguments of ``mechanize`` and ``Mechanic``)."""
 
     # hyperparameters of the tuner (docs/algorithm.md)
-    weight_decay: float = field(default=1e-2, metadata=_doc("Mechanic's own decay lambda"))
+    weight_decay: float | None = field(default=None, metadata=_doc(
+        "Mechanic's own decay lambda (None: 4 invariant, on S * lr; 1e-2 original, on S)"))
     eps: float = field(default=1e-8, metadata=_doc("numerical floor in the tuner"))
-    s_init: float = field(default=1e-6, metadata=_doc("initial scale"))
+    s_init: float | None = field(default=None, metadata=_doc(
+        "the start: an effective lr (invariant; None: 1e-3), or the initial scale (original; None: 1e-6)"))
     num_betas: int = field(default=6, metadata=_doc("betas 1 - 10**-i, i = 1..n"))
     store_delta: bool = field(default=True, metadata=_doc("keep Delta as state; False recomputes it"))
+    variant: str = field(default="invariant", metadata=_doc(
+        "'invariant': the scale in units of the base lr; 'original': the authors' update"))
     # how it runs
     reducer: Any = field(default=None, metadata=_doc("object with all_reduce_sum(tensor) -> tensor"))
     process_group: Any = field(default=None, metadata=_doc("group to all-reduce the sums over"))
@@ -51,8 +60,11 @@ class Options:
 
     @property
     def hyper(self) -> Hyper:
-        return Hyper(weight_decay=self.weight_decay, eps=self.eps, s_init=self.s_init, num_betas=self.num_betas,
-                     store_delta=self.store_delta)
+        default = DEFAULTS.get(self.variant, DEFAULTS["original"])
+        s_init = default["s_init"] if self.s_init is None else self.s_init
+        weight_decay = default["weight_decay"] if self.weight_decay is None else self.weight_decay
+        return Hyper(weight_decay=weight_decay, eps=self.eps, s_init=s_init, num_betas=self.num_betas,
+                     store_delta=self.store_delta, variant=self.variant)
 
     @classmethod
     def from_kwargs(cls, where: str, kwargs: dict[str, Any]) -> "Options":
@@ -64,7 +76,7 @@ class Options:
 
 
 NAMES = tuple(f.name for f in fields(Options))
-HYPER_NAMES = NAMES[:5]
+HYPER_NAMES = NAMES[:6]
 
 
 def with_options_signature(fn: Callable) -> Callable:

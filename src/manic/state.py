@@ -15,11 +15,13 @@ from torch import Tensor
 
 from .tuner import Hyper, TunerState
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added lr_ref and variant; a version-1 state dict is the original form
 REF, DELTA = "mechanic_ref", "mechanic_delta"
 PARAM_KEYS = (REF, DELTA)
-TUNER_KEYS = ("r", "m", "v", "s", "step", "skipped")
-HYPER_KEYS = ("weight_decay", "eps", "s_init", "num_betas", "store_delta")
+TUNER_KEYS = ("r", "m", "v", "s", "step", "skipped", "lr_ref")
+HYPER_KEYS = ("weight_decay", "eps", "s_init", "num_betas", "store_delta", "variant")
+# what a version-1 state dict, which lacks them, means
+V1_DEFAULTS: dict[str, Any] = {"variant": "original"}
 
 
 def group_entries(tuner: TunerState, hyper: Hyper) -> dict[str, Any]:
@@ -61,13 +63,16 @@ def check_state_dict(sd: dict[str, Any], hyper: Hyper, entries: list[tuple[int, 
     version = t.get("mechanic_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"Unsupported Mechanic state format version {version!r}; this manic reads <= {FORMAT_VERSION}")
-    for k in HYPER_KEYS:
-        saved, mine = t.get(f"mechanic_{k}"), getattr(hyper, k)
+    # the variant first: it sets what the defaults of the others mean, so it is the one to name
+    for k in sorted(HYPER_KEYS, key=lambda k: k != "variant"):
+        saved, mine = t.get(f"mechanic_{k}", V1_DEFAULTS.get(k) if version == 1 else None), getattr(hyper, k)
         if saved != mine or type(saved) is not type(mine) and isinstance(mine, bool):
             raise ValueError(f"Checkpoint has {k}={saved!r} but this Mechanic has {k}={mine!r}; "
                              f"build it with {k}={saved!r} to resume this run")
     n = hyper.num_betas
     for k in TUNER_KEYS:
+        if k == "lr_ref" and version == 1:
+            continue  # absent: 1, the original form's unit (TunerState.of)
         v = t.get(f"mechanic_{k}")
         want = (n,) if k in ("r", "m", "v", "s") else ()
         if not isinstance(v, Tensor) or tuple(v.shape) != want:

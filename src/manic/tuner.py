@@ -27,6 +27,7 @@ class Hyper:
     s_init: float = 1e-6
     num_betas: int = 6
     store_delta: bool = True
+    variant: str = "original"
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, fix: str) -> ValueError:
@@ -48,6 +49,13 @@ class Hyper:
             raise bad("s_init", self.s_init, "pass a value > 0 (default 1e-6)")
         if not isinstance(self.store_delta, bool):
             raise TypeError(f"Invalid store_delta: {self.store_delta!r}; pass True or False")
+        if self.variant not in VARIANTS:
+            raise bad("variant", self.variant, f"pass one of {', '.join(map(repr, VARIANTS))}")
+
+
+VARIANTS = ("invariant", "original")
+# The invariant form's floor, as a fraction of its start (docs/algorithm.md, "The invariant form").
+FLOOR = 1e-3
 
 
 @dataclass
@@ -55,8 +63,10 @@ class TunerState:
     """The tuner's state: four length-n vectors and two counters.
 
     r: reward (stored unclamped), m: running max of |h|, v: running sum of squares of h,
-    s: the per-beta scales; their sum S scales the base optimizer's accumulated updates.
-    step counts the steps taken, skipped the steps whose sums were not finite.
+    s: the per-beta scales, in units of 1 / lr_ref: their sum divided by lr_ref is the scale S of
+    the base optimizer's accumulated updates. lr_ref is 1 in the original form; in the invariant
+    form it is the base learning rate, recorded at the first step, so that sum(s) is an effective
+    learning rate. step counts the steps taken, skipped the steps whose sums were not finite.
     """
 
     r: Tensor  # (n,)
@@ -65,16 +75,24 @@ class TunerState:
     s: Tensor  # (n,)
     step: Tensor  # () int64
     skipped: Tensor  # () int64
+    lr_ref: Tensor  # ()
+
+    @property
+    def scale(self) -> Tensor:
+        """S, the factor on the base optimizer's accumulated updates."""
+        return self.s.sum() / self.lr_ref
 
     @staticmethod
     def fresh(hyper: Hyper, dtype: torch.dtype, device: torch.device) -> "TunerState":
         n = hyper.num_betas
         zeros = lambda: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
         count = lambda: torch.zeros((), dtype=torch.int64, device=device)  # noqa: E731
-        return TunerState(zeros(), zeros(), zeros(), torch.full((n,), hyper.s_init, dtype=dtype, device=device), count(), count())
+        return TunerState(zeros(), zeros(), zeros(), torch.full((n,), hyper.s_init, dtype=dtype, device=device), count(),
+                          count(), torch.ones((), dtype=dtype, device=device))
 
     def tensors(self) -> dict[str, Tensor]:
-        return {"r": self.r, "m": self.m, "v": self.v, "s": self.s, "step": self.step, "skipped": self.skipped}
+        return {"r": self.r, "m": self.m, "v": self.v, "s": self.s, "step": self.step, "skipped": self.skipped,
+                "lr_ref": self.lr_ref}
 
     @staticmethod
     def of(tensors: dict[str, Tensor], dtype: torch.dtype, device: torch.device) -> "TunerState":
@@ -82,7 +100,8 @@ class TunerState:
         def own(k: str) -> Tensor:
             return tensors[k].detach().to(device=device, dtype=torch.int64 if k in ("step", "skipped") else dtype,
                                           copy=True)
-        return TunerState(own("r"), own("m"), own("v"), own("s"), own("step"), own("skipped"))
+        lr_ref = own("lr_ref") if "lr_ref" in tensors else torch.ones((), dtype=dtype, device=device)
+        return TunerState(own("r"), own("m"), own("v"), own("s"), own("step"), own("skipped"), lr_ref)
 
     def to(self, dtype: torch.dtype, device: torch.device) -> "TunerState":
         """This state if it already is in ``dtype`` on ``device``, else a moved copy."""
@@ -105,6 +124,8 @@ def update(state: TunerState, sums: Tensor, hyper: Hyper, beta: Tensor) -> tuple
 
     ``sums`` holds <g, D>, <x, D>, ||g||^2, ||x||^2, where D is Delta (store_delta=True) or
     x - x_ref (store_delta=False; the division by S + eps of docs/algorithm.md, "One step", happens here).
+    Everything is computed in the units of ``state.s`` (docs/algorithm.md, "The invariant form"):
+    the direction is Delta / lr_ref, whose scale is sum(s); with lr_ref = 1 this is the original update.
     A step whose sums are not finite leaves the state as it was and counts as skipped;
     the choice is made on the device, so no host sync happens.
     """
@@ -114,17 +135,26 @@ def update(state: TunerState, sums: Tensor, hyper: Hyper, beta: Tensor) -> tuple
     gn, xn = g_sq.sqrt(), x_sq.sqrt()
     # h = <g + lam * S * |g| / (|x| + eps) * x, D>
     h = g_dot_d + lam * S * gn / (xn + eps) * x_dot_d
-    if not hyper.store_delta:
-        h = h / (S + eps)
+    if hyper.store_delta:
+        h = h / state.lr_ref  # D = Delta / lr_ref
+    else:
+        h = h / (S + eps)  # D = (x - x_ref) / (S + eps): no lr_ref, x - x_ref = S * D already
+    floor = hyper.s_init
+    r_old = state.r
+    if hyper.variant == "invariant":
+        floor = hyper.s_init * FLOOR
+        # the start is wealth, s_init / n per beta in units of the first non-zero |h|, which bad bets can lose
+        first = (state.v == 0) & (h != 0)
+        r_old = torch.where(first, hyper.s_init / hyper.num_betas * h.abs(), r_old)
 
     hc = torch.minimum(torch.maximum(h, -state.m), state.m)  # clip with the OLD m
     m = torch.maximum(beta * state.m, h.abs() + eps)
     v = beta * beta * state.v + h * h
-    r = beta * state.r - hc * state.s
-    s = (hyper.s_init / hyper.num_betas * m + r.clamp(min=0)) / (v.sqrt() + eps)
+    r = beta * r_old - hc * state.s
+    s = (floor / hyper.num_betas * m + r.clamp(min=0)) / (v.sqrt() + eps)
 
     ok = torch.isfinite(torch.cat([sums, h.reshape(1), m, v, r, s])).all()
     keep = lambda new, old: torch.where(ok, new, old)  # noqa: E731
     new = TunerState(keep(r, state.r), keep(m, state.m), keep(v, state.v), keep(s, state.s),
-                     state.step + ok.to(torch.int64), state.skipped + (~ok).to(torch.int64))
+                     state.step + ok.to(torch.int64), state.skipped + (~ok).to(torch.int64), state.lr_ref)
     return new, h, ok

@@ -17,6 +17,8 @@ import manic
 
 STEPS = 40
 LR = 1e-2
+# The authors' update with optax's values; the default is the invariant form (manic.options.DEFAULTS).
+ORIGINAL = {"variant": "original", "s_init": 1e-6, "weight_decay": 1e-2}
 
 
 def base(params: Any, kind: str = "adamw") -> torch.optim.Optimizer:
@@ -126,23 +128,33 @@ def check_counts(name: str, counts: list, collectives: int) -> None:
     assert counts[0][0] == collectives + 2, f"{name}: the first step's (collectives, host syncs) {counts[0]}"
 
 
+def check_lr_ref(name: str, opt: torch.optim.Optimizer, variant: str = "invariant") -> None:
+    """lr_ref (the invariant form's unit, 1 in the original form) is bitwise the same on every rank."""
+    mine = opt.param_groups[0]["mechanic_lr_ref"].reshape(1)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    want = LR if variant == "invariant" else 1.0
+    assert all(torch.equal(g, gathered[0]) for g in gathered) and gathered[0].item() == want, f"{name}: {gathered}"
+
+
 def check_form(name: str, model: nn.Module, collectives: int, kind: str = "adamw",
-               unwrapped: nn.Module | None = None) -> tuple[dict, torch.optim.Optimizer]:
-    """Train the parallel ``model`` under manic; check the counts per step and the match with
-    the single-process run."""
-    opt = manic.mechanize(base(model.parameters(), kind))
+               unwrapped: nn.Module | None = None, **options: Any) -> tuple[dict, torch.optim.Optimizer]:
+    """Train the parallel ``model`` under manic (``options``: Mechanic's keywords; the default is
+    the invariant form); check the counts per step and the match with the single-process run."""
+    opt = manic.mechanize(base(model.parameters(), kind), **options)
     counts: list = []
     scales = train(model, opt, STEPS, counts=counts)
     check_counts(name, counts, collectives)
-    return compare(name, unwrapped or model, scales, baseline(kind=kind)), opt
+    check_lr_ref(name, opt, options.get("variant", "invariant"))
+    return compare(name, unwrapped or model, scales, baseline(kind=kind, **options)), opt
 
 
 # ----------------------------------------------------------------------------- forms
-def ddp(rank: int, world: int) -> dict:
+def ddp(rank: int, world: int, **options: Any) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = DDP(make_net())
-    return check_form("ddp", model, 0, unwrapped=model.module)[0]
+    return check_form("ddp", model, 0, unwrapped=model.module, **options)[0]
 
 
 def fsdp1(rank: int, world: int, use_orig_params: bool) -> dict:
@@ -205,8 +217,8 @@ def shard2(model: Net, mesh: Any = None) -> Net:
     return model
 
 
-def fsdp2(rank: int, world: int) -> dict:
-    result, opt = check_form("fsdp2", shard2(make_net()), 1)
+def fsdp2(rank: int, world: int, **options: Any) -> dict:
+    result, opt = check_form("fsdp2", shard2(make_net()), 1, **options)
     return {**result, "state_bytes": sum(manic_bytes(opt))}
 
 
@@ -220,17 +232,17 @@ def manic_bytes(opt: torch.optim.Optimizer) -> list[int]:
     return out
 
 
-def hsdp(rank: int, world: int) -> dict:
+def hsdp(rank: int, world: int, **options: Any) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
 
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     model = shard2(make_net(), mesh)
     assert tuple(model.fc1.weight.placements) == (Replicate(), Shard(0))
-    return check_form("hsdp", model, 1)[0]
+    return check_form("hsdp", model, 1, **options)[0]
 
 
-def tp(rank: int, world: int) -> dict:
+def tp(rank: int, world: int, **options: Any) -> dict:
     """1-D tensor parallel: fc1 column-wise, fc2 row-wise (its bias a Replicate DTensor),
     fc3 and gain plain replicated tensors."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -238,16 +250,16 @@ def tp(rank: int, world: int) -> dict:
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     model = parallelize_module(make_net(), mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
-    return check_form("tp", model, 1, kind="sgd")[0]
+    return check_form("tp", model, 1, kind="sgd", **options)[0]
 
 
-def pipeline(rank: int, world: int) -> dict:
+def pipeline(rank: int, world: int, **options: Any) -> dict:
     """Two stages by hand: rank 0 holds fc1, rank 1 holds fc2, fc3 and gain."""
     assert world == 2
     net = make_net()
     stage = [net.fc1] if rank == 0 else [net.fc2, net.fc3]
     params = [p for m in stage for p in m.parameters()] + ([] if rank == 0 else [net.gain])
-    opt = manic.mechanize(base(params), process_group=dist.group.WORLD)
+    opt = manic.mechanize(base(params), process_group=dist.group.WORLD, **options)
 
     def forward(X: torch.Tensor, y: torch.Tensor) -> None:
         if rank == 0:
@@ -267,7 +279,8 @@ def pipeline(rank: int, world: int) -> dict:
     counts: list = []
     scales = train(net, opt, STEPS, forward=forward, counts=counts)
     check_counts("pipeline", counts, 1)
-    ref_params, ref_scales = baseline()
+    check_lr_ref("pipeline", opt, options.get("variant", "invariant"))
+    ref_params, ref_scales = baseline(**options)
     mine = {n: p for n, p in net.named_parameters()}
     ref_named = dict(zip([n for n, _ in make_net().named_parameters()], ref_params))
     held = [n for n, p in mine.items() if any(p is q for q in params)]
@@ -278,17 +291,22 @@ def pipeline(rank: int, world: int) -> dict:
 
 
 def two_rank_forms(rank: int, world: int) -> dict:
+    """Every form in the default (invariant) form; DDP, FSDP2, TP and the pipeline in the original
+    form too (in the same process group)."""
     return {"ddp": ddp(rank, world), "fsdp1": fsdp1(rank, world, False), "fsdp1_orig": fsdp1(rank, world, True),
-            "fsdp2": fsdp2(rank, world), "tp": tp(rank, world), "pipeline": pipeline(rank, world)}
+            "fsdp2": fsdp2(rank, world), "tp": tp(rank, world), "pipeline": pipeline(rank, world),
+            "ddp_original": ddp(rank, world, **ORIGINAL), "fsdp2_original": fsdp2(rank, world, **ORIGINAL),
+            "tp_original": tp(rank, world, **ORIGINAL), "pipeline_original": pipeline(rank, world, **ORIGINAL)}
 
 
 def four_rank_forms(rank: int, world: int) -> dict:
     return {"fsdp2": fsdp2(rank, world), "hsdp": hsdp(rank, world), "fsdp_tp": fsdp_tp(rank, world),
-            "grads_none": grads_none_on_one_rank(rank, world)}
+            "grads_none": grads_none_on_one_rank(rank, world), "fsdp2_original": fsdp2(rank, world, **ORIGINAL),
+            "hsdp_original": hsdp(rank, world, **ORIGINAL)}
 
 
 # ----------------------------------------------------------------------------- config check
-CONFIG_FIELDS = ("weight_decay", "eps", "s_init", "num_betas", "store_delta", "reducer", "num_params")
+CONFIG_FIELDS = ("weight_decay", "eps", "s_init", "num_betas", "store_delta", "variant", "reducer", "num_params")
 
 
 def config_mismatch(rank: int, world: int) -> dict[str, str]:
@@ -303,6 +321,8 @@ def config_mismatch(rank: int, world: int) -> dict[str, str]:
         if rank == 1:
             kwargs = {"weight_decay": {"weight_decay": 0.5}, "eps": {"eps": 1e-6}, "s_init": {"s_init": 1e-5},
                       "num_betas": {"num_betas": 3}, "store_delta": {"store_delta": False},
+                      # (with its defaults: weight_decay and s_init differ as well)
+                      "variant": {"variant": "original"},
                       "reducer": {"device_mesh": None, "process_group": None}}.get(field, {})
             if field == "num_params":
                 params = params[:-1]
@@ -341,9 +361,39 @@ def rank_fails_mid_step(rank: int, world: int, how: str) -> str:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _sharded_run() -> tuple[Net, torch.optim.Optimizer]:
+def _sharded_run(**options: Any) -> tuple[Net, torch.optim.Optimizer]:
     model = shard2(make_net())
-    return model, manic.mechanize(base(model.parameters()))
+    return model, manic.mechanize(base(model.parameters()), **options)
+
+
+def _cloned_state_dicts(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model_sd, optim_sd = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
+    model_sd = {k: v.clone() for k, v in model_sd.items()}
+    optim_sd = {"state": {k: {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in v.items()}
+                          for k, v in optim_sd["state"].items()},
+                "param_groups": [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in g.items()}
+                                 for g in optim_sd["param_groups"]]}
+    return model_sd, optim_sd
+
+
+def _dsd_round_trip(before: int, after: int, **options: Any) -> tuple[nn.Module, list[float]]:
+    """Train, take the DSD state dicts, continue; the same state dicts set into freshly built
+    objects continue bitwise."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    model, opt = _sharded_run(**options)
+    train(model, opt, before)
+    model_sd, optim_sd = _cloned_state_dicts(model, opt)
+    scales = train(model, opt, after)
+    model2, opt2 = _sharded_run(**options)
+    set_model_state_dict(model2, model_sd)
+    set_optimizer_state_dict(model2, opt2, optim_sd)
+    scales2 = train(model2, opt2, after)
+    assert scales2 == scales, f"DSD round trip {options}: scales differ"
+    assert all(torch.equal(full(a), full(b)) for a, b in zip(model.parameters(), model2.parameters()))
+    return model, scales
 
 
 def _final(model: nn.Module, scales: list[float]) -> dict:
@@ -374,12 +424,7 @@ def dcp_save(rank: int, world: int, path: str, before: int, after: int) -> dict:
     train(model, opt, before)
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
              checkpoint_id=path)
-    model_sd, optim_sd = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
-    model_sd = {k: v.clone() for k, v in model_sd.items()}
-    optim_sd = {"state": {k: {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in v.items()}
-                          for k, v in optim_sd["state"].items()},
-                "param_groups": [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in g.items()}
-                                 for g in optim_sd["param_groups"]]}
+    model_sd, optim_sd = _cloned_state_dicts(model, opt)
     scales = train(model, opt, after)
 
     # DSD round trip into freshly built objects
@@ -396,12 +441,17 @@ def dcp_save(rank: int, world: int, path: str, before: int, after: int) -> dict:
     scales3 = train(model3, opt3, after)
     assert scales3 == scales, "DCP resume on the same world size: scales differ"
     assert all(torch.equal(full(a), full(b)) for a, b in zip(model.parameters(), model3.parameters()))
+    check_lr_ref("dcp resume", opt3)
+
+    # the original form's DSD round trip continues bitwise as well
+    _dsd_round_trip(before, after, **ORIGINAL)
     return _final(model, scales)
 
 
 def dcp_resume(rank: int, world: int, path: str, after: int) -> dict:
     model, opt = _sharded_run()
     _load(model, opt, path)
+    check_lr_ref("dcp resharded", opt)  # restored, not taken afresh
     return _final(model, train(model, opt, after))
 
 

@@ -12,7 +12,9 @@ import scenarios
 
 @pytest.mark.timeout(240)
 def test_two_ranks_match_single_process():
+    """Every form in the default (invariant) form, and DDP, FSDP2, TP and the pipeline in the original."""
     results = harness.run(2, scenarios.two_rank_forms, timeout=200)
+    assert {"ddp_original", "fsdp2_original", "tp_original", "pipeline_original"} <= set(results[0])
     for form, r in results[0].items():
         assert r["params_rel"] <= 1e-10 and r["scale_rel"] <= 1e-10, form
 
@@ -21,7 +23,7 @@ def test_two_ranks_match_single_process():
 def test_four_ranks_fsdp2_hsdp_and_2d():
     results = harness.run(4, scenarios.four_rank_forms, timeout=260)
     for r in results:
-        for form in ("fsdp2", "hsdp", "fsdp_tp"):
+        for form in ("fsdp2", "hsdp", "fsdp_tp", "fsdp2_original", "hsdp_original"):
             assert r[form]["params_rel"] <= 1e-10 and r[form]["scale_rel"] <= 1e-10, form
     assert len({r["grads_none"]["scale"] for r in results}) == 1
     # per-rank Mechanic state falls as 1/world: the shards add up to two copies of the model
