@@ -1,8 +1,8 @@
 """Learning-rate robustness: final validation metrics across 6+ decades of base learning rate.
 
 For every task, method, base lr and seed, train from the same initialisation and record the final
-validation loss and accuracy. Methods: AdamW alone (the bar: its best lr), manic over AdamW and over
-SGD, mechanic-pytorch over AdamW, and the learning-rate-free peers Prodigy, D-Adaptation Adam and
+validation loss and accuracy. Methods: AdamW alone (the bar: its best lr), manic's original form
+(``variant="original"``; benchmarks/run_length.py studies the default form) over AdamW and over SGD, mechanic-pytorch over AdamW, and the learning-rate-free peers Prodigy, D-Adaptation Adam and
 schedule-free AdamW, each swept over its own lr (a multiplier of 1 for Prodigy/D-Adaptation is
 their default). Base optimizers follow warmup + cosine (schedule-free uses its own warmup).
 
@@ -70,26 +70,26 @@ def digits_task(steps: int) -> Task:
     return Task("digits", steps, make_model, batch, evaluate)
 
 
-def charlm_task(steps: int) -> Task:
+def charlm_task(steps: int, n_layer: int = 2, n_embd: int = 64, block_size: int = 64, batch_size: int = 32) -> Task:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
     from data import CharData  # type: ignore[import-not-found]
     from model import GPT, GPTConfig  # type: ignore[import-not-found]
 
     data = CharData.load(max_bytes=1_000_000)
-    cfg = GPTConfig(vocab_size=data.vocab_size, n_layer=2, n_head=4, n_embd=64, block_size=64)
+    cfg = GPTConfig(vocab_size=data.vocab_size, n_layer=n_layer, n_head=4, n_embd=n_embd, block_size=block_size)
 
     def make_model(seed: int) -> torch.nn.Module:
         torch.manual_seed(seed)
         return GPT(cfg)
 
     def batch(step: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return data.batch("train", 32, cfg.block_size, seed=seed, step=step)
+        return data.batch("train", batch_size, cfg.block_size, seed=seed, step=step)
 
     @torch.no_grad()
     def evaluate(model: torch.nn.Module) -> tuple[float, float]:
         losses, hits = [], []
         for i in range(8):
-            x, y = data.batch("val", 32, cfg.block_size, seed=10**6, step=i)
+            x, y = data.batch("val", batch_size, cfg.block_size, seed=10**6, step=i)
             logits = model(x).flatten(0, 1)
             losses.append(torch.nn.functional.cross_entropy(logits, y.flatten()).item())
             hits.append((logits.argmax(1) == y.flatten()).float().mean().item())
@@ -102,9 +102,9 @@ def build(method: str, params: list[torch.Tensor], lr: float) -> torch.optim.Opt
     if method == "adamw":
         return torch.optim.AdamW(params, lr=lr)
     if method == "manic_adamw":
-        return manic.mechanize(torch.optim.AdamW(params, lr=lr))
+        return manic.mechanize(torch.optim.AdamW(params, lr=lr), variant="original")
     if method == "manic_sgd":
-        return manic.mechanize(torch.optim.SGD(params, lr=lr, momentum=0.9))
+        return manic.mechanize(torch.optim.SGD(params, lr=lr, momentum=0.9), variant="original")
     if method == "mechanic_pytorch_adamw":
         from mechanic_pytorch import mechanize
 

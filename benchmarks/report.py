@@ -16,7 +16,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PEERS = {"prodigy", "dadapt_adam"}  # sweep a multiplier of their own estimate, not a learning rate
-NAMES = {"adamw": "AdamW", "manic_adamw": "manic over AdamW", "manic_sgd": "manic over SGD (momentum)",
+NAMES = {"adamw": "AdamW", "manic_adamw": "manic (original) over AdamW", "manic_sgd": "manic (original) over SGD (momentum)",
          "mechanic_pytorch_adamw": "mechanic-pytorch over AdamW", "schedulefree_adamw": "schedule-free AdamW",
          "prodigy": "Prodigy (multiplier)", "dadapt_adam": "D-Adaptation Adam (multiplier)"}
 
@@ -50,7 +50,7 @@ def lr_sweep(path: Path, tasks: tuple[str, ...] = ()) -> str:
             out.append("")
         ramp = _ramp(rows, task)
         if ramp:
-            out += [f"manic over AdamW on {task}, seed 0: {ramp}", ""]
+            out += [f"manic (original) over AdamW on {task}, seed 0: {ramp}", ""]
     return "\n".join(out)
 
 
@@ -96,6 +96,11 @@ def main(check: bool = False) -> list[str]:
     """Write (or, with ``check``, compare) the summaries; return the stale ones."""
     jobs = {"lr_sweep_summary.md": (lr_sweep, RESULTS / "lr_sweep.csv"),
             "lr_sweep_charlm.md": (lambda p: lr_sweep(p, ("charlm",)), RESULTS / "lr_sweep.csv")}
+    if (RESULTS / "run_length.csv").exists():
+        import run_length_report as rl
+
+        jobs["run_length_summary.md"] = (lambda p: rl.summary(rl.load(p)), RESULTS / "run_length.csv")
+        jobs["run_length_front.md"] = (lambda p: rl.front(rl.load(p)), RESULTS / "run_length.csv")
     for csv_path in sorted(RESULTS.glob("launcher_*.csv")):
         if not csv_path.stem.endswith(("_adamw", "_quick")):
             jobs[f"{csv_path.stem}_summary.md"] = (launcher, csv_path)

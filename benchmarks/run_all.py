@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["step_overhead.py", "memory.py", "train_overhead.py", "collectives.py", "scaling.py", "lr_sweep.py",
-           "launcher_demo.py"]
+           "run_length.py", "launcher_demo.py"]
 
 
 def main() -> None:

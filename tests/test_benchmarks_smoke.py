@@ -33,6 +33,13 @@ def test_lr_sweep_quick(tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_run_length_quick(tmp_path):
+    out = _run(["benchmarks/run_length.py", "--quick", "--jobs", "1"], tmp_path)
+    assert "manic (default: invariant)" in out and "Prodigy" in out
+    rows = (tmp_path / "run_length_quick.csv").read_text().splitlines()
+    assert len(rows) == 1 + 7 + 5 + 5 + 4 + 4  # header, AdamW grid, two forms x 5 lrs, 4 peers, 4 knobs
+
+
 def test_step_overhead_quick(tmp_path):
     out = _run(["benchmarks/step_overhead.py", "--quick"], tmp_path)
     assert "manic(adamw_fused)" in out and (tmp_path / "step_overhead_quick.csv").exists()
@@ -68,5 +75,5 @@ def test_run_all_lists_every_script():
     spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
     run_all = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_all)
-    scripts = {p.name for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_")} - {"run_all.py", "report.py"}
+    scripts = {p.name for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_")} - {"run_all.py", "report.py", "run_length_report.py"}
     assert set(run_all.SCRIPTS) == scripts

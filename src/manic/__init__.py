@@ -7,4 +7,4 @@ from .seed import Mechanic, Updater
 from .tuner import Hyper
 
 __all__ = ["Hyper", "Mechanic", "Options", "Mechanized", "NoReduce", "ProcessGroupReducer", "Reducer", "Updater", "mechanize"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
