@@ -131,3 +131,19 @@ def test_the_launcher_builds_its_mechanic_options_from_options():
         config.parse(["--s-init", "-1"])
     with pytest.raises(SystemExit, match="variant"):
         config.parse(["--variant", "both"])
+
+
+def test_the_launcher_follows_the_short_run_rule():
+    """docs/tuning.md's rule: from scratch, runs of at most 300 steps start the invariant form at s_init=1e-2;
+    an explicit --s-init, the original form and longer runs keep theirs."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import config
+    finally:
+        sys.path.pop(0)
+    assert config.parse(["--steps", "300"]).mechanic_options == Options(s_init=1e-2)
+    assert config.parse(["--steps", "301"]).mechanic_options == Options()
+    assert config.parse(["--steps", "100", "--s-init", "1e-3"]).mechanic_options == Options(s_init=1e-3)
+    assert config.parse(["--steps", "100", "--variant", "original"]).mechanic_options == Options(variant="original")
