@@ -143,8 +143,9 @@ def summary(rows: list[dict]) -> str:
     grid = sorted({r["method"] for r in rows if r["method"].startswith("manic_original_s")},
                   key=lambda m: float(m[len("manic_original_s"):]))
     if grid:
-        out += ["The original form at other starts (`s_init`; 1e-6 is the original row above). Worst / best loss "
-                "ratio over the base lrs, seed mean:", "",
+        out += ["The original form at other starts (`s_init`; `python benchmarks/run_length.py --s-init-grid --seeds "
+                "1`: seed 0 only, while 1e-6 is the 2-seed original row above). Worst / best loss ratio over the "
+                "base lrs:", "",
                 "| task | s_init | " + " | ".join(f"{n} steps" for n in lengths) + " |",
                 "| --- | --- |" + " --- |" * len(lengths)]
         for task in tasks:
