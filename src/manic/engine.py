@@ -132,6 +132,9 @@ class Engine:
             o, h = self.options, self.hyper
             check_config({"weight_decay": h.weight_decay, "eps": h.eps, "s_init": h.s_init,
                           "num_betas": h.num_betas, "store_delta": h.store_delta, "variant": h.variant,
+                          # the invariant form's unit: ranks (e.g. pipeline stages) with different lrs would
+                          # tune in different units
+                          "lr_ref": self._max_lr() if h.variant == "invariant" else None,
                           "reducer": type(layout.reducer).__name__,
                           # pipeline stages (an explicit group) hold different parameters
                           "num_params": len(layout.slots) if o.process_group is None and o.reducer is None else None},
@@ -168,11 +171,13 @@ class Engine:
             beta = self._beta = tuner.betas(self.hyper.num_betas, layout.dtype, layout.device)
         return beta
 
+    def _max_lr(self) -> float:
+        return max(float(g.get("initial_lr", g["lr"])) for g in self.optimizer.param_groups if g.get("mechanic", True))
+
     def _lr_ref(self) -> float:
         """The invariant form's unit: the largest base learning rate of Mechanic's groups, before any
         schedule (torch's LR schedulers keep it as ``initial_lr``)."""
-        lrs = [float(g.get("initial_lr", g["lr"])) for g in self.optimizer.param_groups if g.get("mechanic", True)]
-        lr = max(lrs)
+        lr = self._max_lr()
         if not (0 < lr < float("inf")):
             raise ValueError(f"Mechanic's invariant variant measures its scale in units of the base learning rate, "
                              f"but the largest lr of its param groups is {lr!r}; give the groups a finite positive "

@@ -306,7 +306,8 @@ def four_rank_forms(rank: int, world: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- config check
-CONFIG_FIELDS = ("weight_decay", "eps", "s_init", "num_betas", "store_delta", "variant", "reducer", "num_params")
+CONFIG_FIELDS = ("weight_decay", "eps", "s_init", "num_betas", "store_delta", "variant", "lr_ref", "reducer",
+                 "num_params")
 
 
 def config_mismatch(rank: int, world: int) -> dict[str, str]:
@@ -328,7 +329,8 @@ def config_mismatch(rank: int, world: int) -> dict[str, str]:
                 params = params[:-1]
         elif field == "reducer":
             kwargs = {"reducer": manic.ProcessGroupReducer()}
-        opt = manic.mechanize(torch.optim.SGD(params, lr=LR), **kwargs)
+        lr = 2 * LR if rank == 1 and field == "lr_ref" else LR  # pipeline stages with different lrs
+        opt = manic.mechanize(torch.optim.SGD(params, lr=lr), **kwargs)
         torch.nn.functional.mse_loss(model(X), y).backward()
         try:
             opt.step()

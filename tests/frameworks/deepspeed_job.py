@@ -352,7 +352,8 @@ def hf_runs(root: Path) -> dict[str, Any]:
         model = H.make_model()
         kwargs: dict[str, Any] = {}
         if passed:  # what works without DeepSpeed (test_hf_trainer.py)
-            opt = manic.mechanize(torch.optim.AdamW(model.parameters(), lr=H.LR), process_group=dist.group.WORLD)
+            opt = manic.mechanize(torch.optim.AdamW(model.parameters(), lr=H.LR), s_init=S_INIT,
+                                  process_group=dist.group.WORLD)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
             kwargs["optimizers"] = (opt, sched)
         args = TrainingArguments(
