@@ -135,3 +135,27 @@ def test_bf16_trajectory_invariant(fp32_reference):
     assert fp32[9][1] > 100 * fp32[0][1]  # the rise really happened
     assert all(torch.isfinite(torch.tensor([s for _, s in bf16])))
     assert bf16[-1][0] < 0.25 * bf16[0][0]
+
+
+def test_bf16_base_lr_rule():
+    """docs/options.md's rule for 16-bit parameters: the base step's update is rounded to bf16 before
+    Mechanic multiplies it by S, so a base lr far below the effective lr (S ~ 10) costs bf16 much more
+    than one near it (S ~ 1). The numbers the docs quote are these runs' final losses."""
+    def final(dtype, lr):
+        model = _model(dtype)
+        opt = manic.mechanize(torch.optim.AdamW(model.parameters(), lr=lr))
+        g = torch.Generator().manual_seed(1)
+        X = torch.randn(128, 8, generator=g).to(dtype)
+        y = (X[:, :1] - 0.5 * X[:, 1:2]).sin().float()
+        for _ in range(200):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(X).float(), y)
+            loss.backward()
+            opt.step()
+        return loss.item(), opt.scale.item()
+
+    (f_small, s_small), (b_small, _) = final(torch.float32, 1e-3), final(torch.bfloat16, 1e-3)
+    (f_near, s_near), (b_near, _) = final(torch.float32, 1e-2), final(torch.bfloat16, 1e-2)
+    assert s_small > 5 and 0.5 < s_near < 2  # S about 10 and about 1
+    assert b_near <= 4 * f_near  # near S = 1, bf16 costs what it costs plain AdamW (2-3x)
+    assert b_small > 10 * f_small  # at S about 10 the rounding of u is multiplied by S
