@@ -21,7 +21,7 @@ HF Trainer (transformers 5.24.0, accelerate 1.16.0) with ``TrainingArguments(dee
 dict>)``: ``optimizers=`` is dropped without a word (transformers' ``deepspeed_init`` sets
 ``trainer.optimizer = None`` and calls ``create_optimizer()``), and the engine steps a torch AdamW
 of Trainer's own. Overriding ``create_optimizer`` (examples/deepspeed_hf_trainer.py) works: the
-scale reaches 1.30e-2 after 40 steps, and ``resume_from_checkpoint`` continues bitwise.
+scale reaches 1.47 after 40 steps, and ``resume_from_checkpoint`` continues bitwise.
 """
 
 from __future__ import annotations
