@@ -8,7 +8,7 @@ DeepSpeed is not optional here: it is in the test extra, and a missing install f
 (no silent skip in CI).
 
 Measured (deepspeed 0.19.8, torch 2.13 CPU): after 30 steps the scale is 2.090e-3 (from
-``s_init=1e-6``); ZeRO-1/2 differ from ZeRO-0 by at most 2.6e-7 relative, ZeRO-3 by 1.8e-7; each
+``s_init=1e-6``); ZeRO-1/2 differ from ZeRO-0 by at most 4.4e-7 relative, ZeRO-3 by 3.7e-7; each
 rank's partition is 226 (ZeRO-1/2) or 225 (ZeRO-3) of the 450 float32 parameters, 904 or 900
 bytes, and Mechanic's state 1808 or 1800 bytes. fp16 is refused on CPU ("Type fp16 is not
 supported on your device."); bf16 runs. ZeRO-3 with several sub-groups steps the client
@@ -50,7 +50,7 @@ HF_STEPS, HF_SAVE_AT, HF_IGNORED_STEPS, HF_LOG_EVERY = 40, 20, 2, 5   # its HF T
 S_INIT = 1e-6
 FRESH_SCALE = manic.Options().num_betas * S_INIT  # what the scale reads before the tuner's first step
 MODEL_NUMEL = 8 * 16 + 16 + 16 * 16 + 16 + 16 * 2 + 2   # the float32 MLP there: 450
-REL_TOL = 1e-5      # ZeRO-1/2/3 vs ZeRO-0: measured at most 2.6e-7 (float32 round-off of the partial sums)
+REL_TOL = 1e-5      # ZeRO-1/2/3 vs ZeRO-0: measured at most 4.4e-7 (float32 round-off of the partial sums)
 LAUNCH_TIMEOUT = 150
 
 _LAUNCH_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
