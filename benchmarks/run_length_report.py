@@ -69,9 +69,20 @@ def cells(rows: list[dict]) -> dict[tuple, dict]:
     return out
 
 
+def over_lrs(c: dict[tuple, dict], task: str, steps: int, method: str) -> list[dict]:
+    """The cells of one method at one task and run length, one per base lr."""
+    return [v for k, v in c.items() if k[:3] == (task, steps, method)]
+
+
+def _header(first: str, second: str | None, lengths: list[int]) -> list[str]:
+    cols = [first] + ([second] if second else [])
+    return ["| " + " | ".join(cols) + " | " + " | ".join(f"{n} steps" for n in lengths) + " |",
+            "|" + " --- |" * (len(cols) + len(lengths))]
+
+
 def worst(c: dict[tuple, dict], task: str, steps: int, method: str) -> tuple[float, float, float, bool] | None:
     """Over the base-lr grid: (worst ratio, its spread, worst accuracy gap, any divergence)."""
-    mine = [v for (t, n, m, _), v in c.items() if (t, n, m) == (task, steps, method)]
+    mine = over_lrs(c, task, steps, method)
     if not mine:
         return None
     w = max(mine, key=lambda v: v["ratio"])
@@ -91,8 +102,7 @@ def front(rows: list[dict]) -> str:
            "seeds, then the worst accuracy gap to best-tuned AdamW in points (positive: below it). "
            "`div`: a run diverged (final validation loss not finite or above its loss at step 0).", ""]
     for task in tasks:
-        out += [f"**{task}**", "", "| method | " + " | ".join(f"{n} steps" for n in lengths) + " |",
-                "| --- |" + " --- |" * len(lengths)]
+        out += [f"**{task}**", "", *_header("method", None, lengths)]
         refs = []
         for n in lengths:
             bs = [ref[(task, n, s)] for s in seeds if (task, n, s) in ref]
@@ -118,8 +128,7 @@ def summary(rows: list[dict]) -> str:
            "(last 10% of steps) / peak `S * lr_t` / final `S` times the base lr (the effective peak lr the run "
            "ended with):", ""]
     for task in tasks:
-        out += [f"**{task}**", "", "| method | base lr | " + " | ".join(f"{n} steps" for n in lengths) + " |",
-                "| --- | --- |" + " --- |" * len(lengths)]
+        out += [f"**{task}**", "", *_header("method", "base lr", lengths)]
         for method in ("manic", "manic_original"):
             for lr in sorted({k[3] for k in c if k[0] == task and k[2] == method}):
                 line = []
@@ -132,8 +141,7 @@ def summary(rows: list[dict]) -> str:
     abl = [m for m in LABELS if m.startswith("manic_wd") or m.startswith("manic_s1")]
     if any(r["method"] in abl for r in rows):
         out += ["One knob of the default moved (base lr 1e-2; loss ratio, seed mean):", "",
-                "| task | setting | " + " | ".join(f"{n} steps" for n in lengths) + " |",
-                "| --- | --- |" + " --- |" * len(lengths)]
+                *_header("task", "setting", lengths)]
         for task in tasks:
             for method in ["manic"] + abl:
                 line = [f"{c[(task, n, method, 1e-2)]['ratio']:.3f}x" if (task, n, method, 1e-2) in c else ""
@@ -145,14 +153,12 @@ def summary(rows: list[dict]) -> str:
     if grid:
         out += ["The original form at other starts (`s_init`; `python benchmarks/run_length.py --s-init-grid --seeds "
                 "1`: seed 0 only, while 1e-6 is the 2-seed original row above). Worst / best loss ratio over the "
-                "base lrs:", "",
-                "| task | s_init | " + " | ".join(f"{n} steps" for n in lengths) + " |",
-                "| --- | --- |" + " --- |" * len(lengths)]
+                "base lrs:", "", *_header("task", "s_init", lengths)]
         for task in tasks:
             for method in ["manic_original"] + grid:
                 line = []
                 for n in lengths:
-                    v = [c[k]["ratio"] for k in c if k[:3] == (task, n, method)]
+                    v = [cell["ratio"] for cell in over_lrs(c, task, n, method)]
                     line.append(f"{max(v):.3f}x / {min(v):.3f}x" if v else "")
                 label = method[len("manic_original_s"):] if method != "manic_original" else "1e-06"
                 out.append(f"| {task} | {float(label):g} | " + " | ".join(line) + " |")
@@ -162,18 +168,17 @@ def summary(rows: list[dict]) -> str:
         out += ["Mechanic as a learning-rate probe: plain AdamW trained at the lr a short run of manic's default "
                 "suggests (`S * lr` after the probe; warmup, then constant), compared with best-tuned AdamW. "
                 "Worst loss ratio over the probe's base lrs (the suggested lrs in brackets):", "",
-                "| task | probe | " + " | ".join(f"{n} steps" for n in lengths) + " |",
-                "| --- | --- |" + " --- |" * len(lengths)]
+                *_header("task", "probe", lengths)]
         for task in tasks:
             for method in probes:
                 line = []
                 for n in lengths:
-                    mine = {k: v for k, v in c.items() if k[:3] == (task, n, method)}
+                    mine = over_lrs(c, task, n, method)
                     if not mine:
                         line.append("")
                         continue
-                    lrs = sorted(v["end"] for v in mine.values())
-                    line.append(f"{max(v['ratio'] for v in mine.values()):.3f}x ({lrs[0]:.2g} - {lrs[-1]:.2g})")
+                    lrs = sorted(v["end"] for v in mine)
+                    line.append(f"{max(v['ratio'] for v in mine):.3f}x ({lrs[0]:.2g} - {lrs[-1]:.2g})")
                 out.append(f"| {task} | {method[5:]} steps | " + " | ".join(line) + " |")
         out.append("")
     return "\n".join(out).rstrip("\n")
@@ -201,7 +206,7 @@ def plot(rows: list[dict], out: Path) -> None:
         shown = [bar] + [c[k]["ratio"] * bar for k in c if k[:3] in ((task, n, "manic"), (task, n, "manic_original"))]
         for method, color, ls in (("prodigy", "tab:red", "-."), ("dadapt_adam", "tab:purple", ":"),
                                   ("schedulefree_adamw", "tab:green", "--")):
-            v = [c[k]["ratio"] * bar for k in c if k[:3] == (task, n, method)]
+            v = [cell["ratio"] * bar for cell in over_lrs(c, task, n, method)]
             if v:
                 ax.axhline(v[0], ls=ls, lw=1.3, color=color, label=f"{LABELS[method]} (its default)")
                 shown.append(v[0])

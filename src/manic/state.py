@@ -19,7 +19,8 @@ FORMAT_VERSION = 2  # 2 added lr_ref and variant; a version-1 state dict is the 
 REF, DELTA = "mechanic_ref", "mechanic_delta"
 PARAM_KEYS = (REF, DELTA)
 TUNER_KEYS = ("r", "m", "v", "s", "step", "skipped", "lr_ref")
-HYPER_KEYS = ("weight_decay", "eps", "s_init", "num_betas", "store_delta", "variant")
+# the variant first: it sets what the defaults of the others mean, so a mismatch names it
+HYPER_KEYS = ("variant", "weight_decay", "eps", "s_init", "num_betas", "store_delta")
 # what a version-1 state dict, which lacks them, means
 V1_DEFAULTS: dict[str, Any] = {"variant": "original"}
 
@@ -63,8 +64,7 @@ def check_state_dict(sd: dict[str, Any], hyper: Hyper, entries: list[tuple[int, 
     version = t.get("mechanic_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"Unsupported Mechanic state format version {version!r}; this manic reads <= {FORMAT_VERSION}")
-    # the variant first: it sets what the defaults of the others mean, so it is the one to name
-    for k in sorted(HYPER_KEYS, key=lambda k: k != "variant"):
+    for k in HYPER_KEYS:
         saved, mine = t.get(f"mechanic_{k}", V1_DEFAULTS.get(k) if version == 1 else None), getattr(hyper, k)
         if saved != mine or type(saved) is not type(mine) and isinstance(mine, bool):
             raise ValueError(f"Checkpoint has {k}={saved!r} but this Mechanic has {k}={mine!r}; "
