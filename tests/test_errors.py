@@ -505,7 +505,7 @@ def _version1(form):
     """A version-1 state dict (before lr_ref and variant), from an original-form run."""
     sd = copy.deepcopy(_donor(form, variant="original"))
     tuner = sd["param_groups"][0] if form == "dropin" else sd["tuner"]
-    del tuner["mechanic_lr_ref"], tuner["mechanic_variant"]
+    del tuner["mechanic_lr_ref"], tuner["mechanic_variant"], tuner["mechanic_per_group"]
     tuner["mechanic_version"] = 1
     return sd
 
@@ -533,7 +533,7 @@ BAD_LOADS = [
     ("version 1 (the original form)", _version1, r"variant='original'.*variant='invariant'"),
     ("lr_ref missing", lambda f: _tuner_entry(f, "mechanic_lr_ref", None), r"mechanic_lr_ref"),
     ("lr_ref of shape (1,)", lambda f: _tuner_entry(f, "mechanic_lr_ref", torch.ones(1)), r"mechanic_lr_ref"),
-    ("version 3", lambda f: _version(f, FORMAT_VERSION + 1), r"[Vv]ersion"),  # (a future one)
+    ("version 4", lambda f: _version(f, FORMAT_VERSION + 1), r"[Vv]ersion"),  # (a future one)
     ("version 99", lambda f: _version(f, 99), r"[Vv]ersion"),
     ("version '1'", lambda f: _version(f, "1"), r"[Vv]ersion"),
     ("version missing", lambda f: _version(f, None), r"[Vv]ersion"),

@@ -109,7 +109,7 @@ def test_options_are_frozen_and_validated_once():
     with pytest.raises(TypeError, match="unexpected keyword.*lr"):
         Options.from_kwargs("mechanize", {"lr": 1.0})
     assert NAMES[:5] == ("weight_decay", "eps", "s_init", "num_betas", "store_delta")
-    assert HYPER_NAMES == NAMES[:6] == (*NAMES[:5], "variant")
+    assert HYPER_NAMES == NAMES[:7] == (*NAMES[:5], "variant", "per_group")
 
 
 def test_the_launcher_builds_its_mechanic_options_from_options():

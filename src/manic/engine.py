@@ -74,9 +74,9 @@ class Engine:
         self._checked = False  # the cross-rank configuration check ran
         self._beta: Tensor | None = None
         dtype, device = _provisional(optimizer)
-        self.tuner = TunerState.fresh(self.hyper, dtype, device)
+        self.tuner = TunerState.fresh(self.hyper, dtype, device, len(optimizer.param_groups))
         self._plan: Plan | None = None
-        self._last = _nan_stats(dtype, device)
+        self._last = _nan_stats(self.tuner)
         self._published: tuple = ()
         optimizer._manic_engine = self  # type: ignore[attr-defined]
         self.publish()
@@ -135,13 +135,21 @@ class Engine:
                           # the invariant form's unit: ranks (e.g. pipeline stages) with different lrs would
                           # tune in different units
                           "lr_ref": self._max_lr() if h.variant == "invariant" else None,
-                          "reducer": type(layout.reducer).__name__,
+                          "reducer": type(layout.reducer).__name__, "per_group": h.per_group,
+                          "num_groups": layout.num_groups if h.per_group else None,
                           # pipeline stages (an explicit group) hold different parameters
                           "num_params": len(layout.slots) if o.process_group is None and o.reducer is None else None},
                          group=o.process_group, params=layout.params if o.reducer is None else None,
                          reduces=not isinstance(layout.reducer, NoReduce))
             self._checked = True
         state = self.tuner.to(layout.dtype, layout.device)
+        if self.hyper.per_group and state.s.shape[0] != layout.num_groups:
+            if self.started:
+                raise RuntimeError(
+                    f"per_group=True keeps one tuner per param group, and the optimizer now has {layout.num_groups} "
+                    f"groups where Mechanic started with {state.s.shape[0]}; add param groups before the first "
+                    "step, or rebuild the optimizer and Mechanic")
+            state = TunerState.fresh(self.hyper, layout.dtype, layout.device, layout.num_groups)
         if not layout.slots:  # every parameter is frozen
             return Plan(layout, {}, self.started, state, None)
         started = self.started
@@ -155,11 +163,12 @@ class Engine:
                 return Plan(layout, buffers, False, state, None)
             started = True
             if self.hyper.variant == "invariant":
-                state = replace(state, lr_ref=torch.tensor(self._lr_ref(), dtype=layout.dtype, device=layout.device))
+                lr_ref = self._lr_refs() if self.hyper.per_group else self._lr_ref()
+                state = replace(state, lr_ref=torch.tensor(lr_ref, dtype=layout.dtype, device=layout.device))
         sums, diffs = self._local_sums(layout, buffers)
         sums = layout.reducer.all_reduce_sum(sums)
         new, h, ok = tuner.update(state, sums, self.hyper, self._betas(layout))
-        last = {"h": h, "grad_norm": sums[tuner.G_SQ].sqrt(), "param_norm": sums[tuner.X_SQ].sqrt()}
+        last = {"h": h, "grad_norm": sums[..., tuner.G_SQ].sqrt(), "param_norm": sums[..., tuner.X_SQ].sqrt()}
         skip_base = self.options.skip_nonfinite and not bool(ok)  # the one host sync, by request
         return Plan(layout, buffers, started, state, Update(new, state.scale, ok, diffs, skip_base, last))
 
@@ -184,6 +193,15 @@ class Engine:
                              "lr, or pass variant='original'")
         return lr
 
+    def _lr_refs(self) -> list[float]:
+        """per_group=True: each group's tuner in units of that group's own base learning rate (a group
+        without a finite positive one, which never moves, takes the largest)."""
+        largest, out = self._lr_ref(), []
+        for g in self.optimizer.param_groups:
+            lr = float(g.get("initial_lr", g["lr"]))
+            out.append(lr if 0 < lr < float("inf") and g.get("mechanic", True) else largest)
+        return out
+
     def _all_lr_zero(self) -> bool:
         lrs = [g.get("lr") for g in self.optimizer.param_groups if g.get("mechanic", True)]
         return all(isinstance(lr, (int, float)) and lr == 0 for lr in lrs)
@@ -197,6 +215,12 @@ class Engine:
             xs = [local(s.ref()) for s in slots]  # type: ignore[arg-type]
             diffs = foreach_sub(xs, [local(buffers[s.index][REF]) for s in slots])
             direction = {s.index: d for s, d in zip(slots, diffs)}
+        if not self.hyper.per_group:
+            return self._sums(slots, direction, layout), diffs
+        return torch.stack([self._sums([slots[k] for k in ks], direction, layout) for ks in _by_group(layout)]), diffs
+
+    def _sums(self, slots: Any, direction: dict[int, Tensor], layout: Layout) -> Tensor:
+        """This rank's partial sums over ``slots`` (G_DOT_D, X_DOT_D, G_SQ, X_SQ)."""
         gs, gds, negate, xs, xds = [], [], [], [], []
         for s in slots:
             if not s.counted:
@@ -213,8 +237,7 @@ class Engine:
             gs.append(local(g))
             gds.append(direction[s.index])
             negate.append(s.negate)
-        sums = self._kernels.partial_sums(gs, gds, negate, xs, xds, layout.dtype, layout.device)
-        return sums, diffs
+        return self._kernels.partial_sums(gs, gds, negate, xs, xds, layout.dtype, layout.device)
 
     def step_base(self, step: Callable[[], Any]) -> None:
         """Run the base step of the prepared plan, then commit it; if the base step raises,
@@ -243,14 +266,21 @@ class Engine:
         self._last = u.last
         if u.skip_base:
             return
-        S_new = u.tuner.scale
-        xs = [local(p) for p in plan.layout.params]
-        refs = [local(plan.buffers[s.index][REF]) for s in plan.layout.slots]
-        if self.hyper.store_delta:
-            ds = [local(plan.buffers[s.index][DELTA]) for s in plan.layout.slots]
-            self._kernels.rebase(xs, refs, ds, u.S_old, S_new, u.ok)
-        else:
-            self._kernels.rebase_recompute(xs, refs, u.diffs, u.S_old, S_new, u.ok, self.hyper.eps / u.tuner.lr_ref)
+        S_new, eps = u.tuner.scale, self.hyper.eps / u.tuner.lr_ref
+        slots = plan.layout.slots
+        groups = _by_group(plan.layout) if self.hyper.per_group else [range(len(slots))]
+        for g, ks in enumerate(groups):
+            if not ks:
+                continue
+            pick = (lambda t: t[g]) if self.hyper.per_group else (lambda t: t)  # noqa: E731
+            xs = [local(slots[k].ref()) for k in ks]  # type: ignore[arg-type]
+            refs = [local(plan.buffers[slots[k].index][REF]) for k in ks]
+            if self.hyper.store_delta:
+                ds = [local(plan.buffers[slots[k].index][DELTA]) for k in ks]
+                self._kernels.rebase(xs, refs, ds, pick(u.S_old), pick(S_new), u.ok)
+            else:
+                diffs = [u.diffs[k] for k in ks]  # type: ignore[index]
+                self._kernels.rebase_recompute(xs, refs, diffs, pick(u.S_old), pick(S_new), u.ok, pick(eps))
 
     def _install(self, layout: Layout, buffers: dict[int, Buffers], state: TunerState) -> None:
         self.layout, self.buffers = layout, buffers
@@ -317,7 +347,7 @@ class Engine:
         the layout it would be loaded into."""
         o = self.options
         layout = bind(self.optimizer, o.reducer, o.process_group, o.device_mesh)
-        check_state_dict(sd, self.hyper, [(s.index, s.ref()) for s in layout.slots], len(layout.seen))
+        check_state_dict(sd, self.hyper, [(s.index, s.ref()) for s in layout.slots], len(layout.seen), layout.num_groups)
         return layout
 
     @torch.no_grad()
@@ -328,8 +358,10 @@ class Engine:
         self._plan = None
         if sd is None:
             self.started = False
-            self._last = _nan_stats(self.tuner.s.dtype, self.tuner.s.device)
-            self._install(self.layout, {}, TunerState.fresh(self.hyper, self.tuner.s.dtype, self.tuner.s.device))
+            fresh = TunerState.fresh(self.hyper, self.tuner.s.dtype, self.tuner.s.device,
+                                     len(self.optimizer.param_groups))
+            self._last = _nan_stats(fresh)
+            self._install(self.layout, {}, fresh)
             return
         assert layout is not None
         state = TunerState.of({k[len("mechanic_"):]: v for k, v in sd["tuner"].items()}, layout.dtype, layout.device)
@@ -342,7 +374,7 @@ class Engine:
                 buffers[s.index] = {k: self._placed(p, k, entry[k]) for k in PARAM_KEYS if k in entry}
             elif self.started:  # an empty local shard (see check_state_dict)
                 buffers[s.index] = self._new_buffers(p)
-        self._last = _nan_stats(layout.dtype, layout.device)
+        self._last = _nan_stats(state)
         self._install(layout, buffers, state)
 
     def _placed(self, p: Tensor, key: str, value: Tensor) -> Tensor:
@@ -368,7 +400,8 @@ class TunerReadout:
 
     @property
     def scale(self) -> Tensor:
-        """The current scale S (sum of the per-beta scales), a 0-dim tensor on the device."""
+        """The current scale S (sum of the per-beta scales), a 0-dim tensor on the device; with
+        per_group=True, one per param group (shape ``(len(param_groups),)``)."""
         return self._engine.scale
 
     @property
@@ -377,8 +410,9 @@ class TunerReadout:
         tensors on the device; a group with ``"mechanic": False`` keeps its ``lr``). The parameters
         also move by ``(S_new - S_old) * Delta`` when the scale changes (docs/behaviour.md)."""
         S = self._engine.scale
-        return [S * g["lr"] if g.get("mechanic", True) else torch.as_tensor(g["lr"], dtype=S.dtype, device=S.device)
-                for g in self._engine.optimizer.param_groups]
+        return [per_group(S, i) * g["lr"] if g.get("mechanic", True)
+                else torch.as_tensor(g["lr"], dtype=S.dtype, device=S.device)
+                for i, g in enumerate(self._engine.optimizer.param_groups)]
 
     def stats(self) -> dict[str, Tensor]:
         """Tuner statistics for logging (0-dim tensors; reading them syncs, the step does not).
@@ -386,8 +420,23 @@ class TunerReadout:
         return self._engine.stats()
 
 
-def _nan_stats(dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
-    return {k: torch.full((), float("nan"), dtype=dtype, device=device) for k in _NAN_STATS}
+def _nan_stats(state: TunerState) -> dict[str, Tensor]:
+    """The statistics before the first step: NaN, one per tuner."""
+    return {k: torch.full(state.lr_ref.shape, float("nan"), dtype=state.s.dtype, device=state.s.device)
+            for k in _NAN_STATS}
+
+
+def per_group(S: Tensor, i: int) -> Tensor:
+    """Group ``i``'s scale: ``S[i]`` with per_group=True, else the one scale ``S``."""
+    return S[i] if S.dim() else S
+
+
+def _by_group(layout: Layout) -> list[list[int]]:
+    """For each param group, the positions in ``layout.slots`` of its parameters."""
+    out: list[list[int]] = [[] for _ in range(layout.num_groups)]
+    for k, s in enumerate(layout.slots):
+        out[s.group].append(k)
+    return out
 
 
 def _provisional(optimizer: torch.optim.Optimizer) -> tuple[torch.dtype, torch.device]:

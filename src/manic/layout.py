@@ -47,6 +47,7 @@ class Slot:
     negate: bool  # its group maximizes: its gradient counts as -g
     counted: bool  # this rank adds it to the sums (a replicated parameter counts once)
     signature: tuple
+    group: int = 0  # the index of its param group
 
     @property
     def param(self) -> Tensor | None:
@@ -62,6 +63,7 @@ class Layout:
     reducer: Reducer
     dtype: torch.dtype
     device: torch.device
+    num_groups: int = 1  # len(optimizer.param_groups)
 
     @property
     def params(self) -> list[Tensor]:
@@ -70,6 +72,8 @@ class Layout:
     def matches(self, optimizer: torch.optim.Optimizer) -> bool:
         """True while ``optimizer.param_groups`` still hold exactly these parameters (cheap: no allocation)."""
         seen, k = self.seen, 0
+        if len(optimizer.param_groups) != self.num_groups:
+            return False
         for group in optimizer.param_groups:
             on, negate = group.get("mechanic", True), bool(group.get("maximize", False))
             for p in group["params"]:
@@ -85,36 +89,37 @@ class Layout:
 def bind(optimizer: torch.optim.Optimizer, reducer: Reducer | None, process_group: Any, device_mesh: Any) -> Layout:
     """Read the layout from ``optimizer.param_groups`` now; raise if Mechanic cannot work on it."""
     seen, entries = [], []
-    for group in optimizer.param_groups:
+    for gi, group in enumerate(optimizer.param_groups):
         on, negate = group.get("mechanic", True), bool(group.get("maximize", False))
         for p in group["params"]:
             under = bool(on and p.requires_grad)
             if under:
-                entries.append((len(seen), p, negate))
+                entries.append((len(seen), p, negate, gi))
             seen.append((weakref.ref(p), under, negate))
     if not any(g.get("mechanic", True) and g["params"] for g in optimizer.param_groups):
         raise ValueError("The optimizer has no parameters under Mechanic: every param group says 'mechanic': "
                          "False (or has no parameters); let at least one group take part")
-    for i, p, _ in entries:
+    for i, p, _, _ in entries:
         if p.is_complex():
             raise TypeError(f"Parameter {i} is complex ({p.dtype}); Mechanic supports real floating-point "
                             "parameters only (view it as real with torch.view_as_real)")
         if not p.is_floating_point():
             raise TypeError(f"Parameter {i} has dtype {p.dtype}; Mechanic needs floating-point parameters")
-    devices = {local(p).device for _, p, _ in entries}
+    devices = {local(p).device for _, p, _, _ in entries}
     if len(devices) > 1:
         raise ValueError(f"Parameters under Mechanic live on several devices {sorted(map(str, devices))}; "
                          "Mechanic needs them on one device (use one optimizer per device)")
-    params = [p for _, p, _ in entries]
+    params = [p for _, p, _, _ in entries]
+    num_groups = len(optimizer.param_groups)
     if not params:  # every parameter is frozen: Mechanic idles until one is not
         on = [p for g in optimizer.param_groups if g.get("mechanic", True) for p in g["params"]]
-        return Layout((), tuple(seen), NoReduce(), _tuner_dtype(on), local(on[0]).device)
+        return Layout((), tuple(seen), NoReduce(), _tuner_dtype(on), local(on[0]).device, num_groups)
     if reducer is not None:
         counted = [True] * len(params)
     else:
         reducer, counted = detect(params, process_group, device_mesh)
-    slots = tuple(Slot(i, weakref.ref(p), neg, c, _signature(p)) for (i, p, neg), c in zip(entries, counted))
-    return Layout(slots, tuple(seen), reducer, _tuner_dtype(params), devices.pop())
+    slots = tuple(Slot(i, weakref.ref(p), neg, c, _signature(p), gi) for (i, p, neg, gi), c in zip(entries, counted))
+    return Layout(slots, tuple(seen), reducer, _tuner_dtype(params), devices.pop(), num_groups)
 
 
 def _tuner_dtype(params: list[Tensor]) -> torch.dtype:

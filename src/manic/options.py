@@ -36,6 +36,7 @@ class Options:
     store_delta: bool = field(default=True, metadata=_doc("keep Delta as state; False recomputes it"))
     variant: str = field(default="invariant", metadata=_doc(
         "'invariant': the scale in units of the base lr; 'original': the authors' update"))
+    per_group: bool = field(default=False, metadata=_doc("one tuner (and scale) per param group"))
     # how it runs
     reducer: Any = field(default=None, metadata=_doc("object with all_reduce_sum(tensor) -> tensor"))
     process_group: Any = field(default=None, metadata=_doc("group to all-reduce the sums over"))
@@ -64,7 +65,7 @@ class Options:
         s_init = default["s_init"] if self.s_init is None else self.s_init
         weight_decay = default["weight_decay"] if self.weight_decay is None else self.weight_decay
         return Hyper(weight_decay=weight_decay, eps=self.eps, s_init=s_init, num_betas=self.num_betas,
-                     store_delta=self.store_delta, variant=self.variant)
+                     store_delta=self.store_delta, variant=self.variant, per_group=self.per_group)
 
     @classmethod
     def from_kwargs(cls, where: str, kwargs: dict[str, Any]) -> "Options":
@@ -76,7 +77,7 @@ class Options:
 
 
 NAMES = tuple(f.name for f in fields(Options))
-HYPER_NAMES = NAMES[:6]
+HYPER_NAMES = NAMES[:7]
 
 
 def with_options_signature(fn: Callable) -> Callable:

@@ -94,8 +94,9 @@ class Mechanic(TunerReadout):
                              "build a new Updater and Mechanic for another optimizer")
 
     def get_last_lr(self) -> list[float]:
-        """``[float(scale)]``, like an LR scheduler (reading it syncs with the device)."""
-        return [float(self.scale)]
+        """``[float(scale)]`` (one per param group with per_group=True), like an LR scheduler
+        (reading it syncs with the device)."""
+        return self.scale.reshape(-1).tolist()
 
     def step(self) -> None:
         """Compute the tuner update from the current gradients; ``updater.step()`` applies it."""

@@ -15,14 +15,14 @@ from torch import Tensor
 
 from .tuner import Hyper, TunerState
 
-FORMAT_VERSION = 2  # 2 added lr_ref and variant; a version-1 state dict is the original form
+FORMAT_VERSION = 3  # 2 added lr_ref and variant (a version-1 state dict is the original form); 3 added per_group
 REF, DELTA = "mechanic_ref", "mechanic_delta"
 PARAM_KEYS = (REF, DELTA)
 TUNER_KEYS = ("r", "m", "v", "s", "step", "skipped", "lr_ref")
 # the variant first: it sets what the defaults of the others mean, so a mismatch names it
-HYPER_KEYS = ("variant", "weight_decay", "eps", "s_init", "num_betas", "store_delta")
-# what a version-1 state dict, which lacks them, means
-V1_DEFAULTS: dict[str, Any] = {"variant": "original"}
+HYPER_KEYS = ("variant", "weight_decay", "eps", "s_init", "num_betas", "store_delta", "per_group")
+# what an older state dict, which lacks them, means: {key: (the version that added it, its meaning before)}
+ADDED: dict[str, tuple[int, Any]] = {"variant": (2, "original"), "per_group": (3, False)}
 
 
 def group_entries(tuner: TunerState, hyper: Hyper) -> dict[str, Any]:
@@ -53,10 +53,11 @@ def hidden(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> Iterat
             state[p].update(mine)
 
 
-def check_state_dict(sd: dict[str, Any], hyper: Hyper, entries: list[tuple[int, Tensor]], positions: int) -> None:
+def check_state_dict(sd: dict[str, Any], hyper: Hyper, entries: list[tuple[int, Tensor]], positions: int,
+                     groups: int = 1) -> None:
     """Raise ValueError if ``sd`` (the form of ``Engine.state_dict``) cannot be loaded into
     parameters ``entries`` (index, parameter) of an optimizer with ``positions`` parameters
-    under ``hyper``. Buffers saved for a parameter that is not under Mechanic here (frozen,
+    under ``hyper`` (with ``groups`` param groups). Buffers saved for a parameter that is not under Mechanic here (frozen,
     or in a group with ``"mechanic": False``) are ignored."""
     t = sd.get("tuner")
     if not isinstance(t, dict):
@@ -65,16 +66,17 @@ def check_state_dict(sd: dict[str, Any], hyper: Hyper, entries: list[tuple[int, 
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"Unsupported Mechanic state format version {version!r}; this manic reads <= {FORMAT_VERSION}")
     for k in HYPER_KEYS:
-        saved, mine = t.get(f"mechanic_{k}", V1_DEFAULTS.get(k) if version == 1 else None), getattr(hyper, k)
+        added, before = ADDED.get(k, (0, None))
+        saved, mine = t.get(f"mechanic_{k}", before if version < added else None), getattr(hyper, k)
         if saved != mine or type(saved) is not type(mine) and isinstance(mine, bool):
             raise ValueError(f"Checkpoint has {k}={saved!r} but this Mechanic has {k}={mine!r}; "
                              f"build it with {k}={saved!r} to resume this run")
-    n = hyper.num_betas
+    n, lead = hyper.num_betas, (groups,) if hyper.per_group else ()
     for k in TUNER_KEYS:
         if k == "lr_ref" and version == 1:
             continue  # absent: 1, the original form's unit (TunerState.of)
         v = t.get(f"mechanic_{k}")
-        want = (n,) if k in ("r", "m", "v", "s") else ()
+        want = (*lead, n) if k in ("r", "m", "v", "s") else lead if k == "lr_ref" else ()
         if not isinstance(v, Tensor) or tuple(v.shape) != want:
             raise ValueError(f"Checkpoint entry mechanic_{k} should be a tensor of shape {want}, got {v!r:.80}")
     state = sd.get("state", {})

@@ -28,6 +28,7 @@ class Hyper:
     num_betas: int = 6
     store_delta: bool = True
     variant: str = "original"
+    per_group: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, fix: str) -> ValueError:
@@ -49,6 +50,8 @@ class Hyper:
             raise bad("s_init", self.s_init, "pass a value > 0 (default 1e-6)")
         if not isinstance(self.store_delta, bool):
             raise TypeError(f"Invalid store_delta: {self.store_delta!r}; pass True or False")
+        if not isinstance(self.per_group, bool):
+            raise TypeError(f"Invalid per_group: {self.per_group!r}; pass True or False")
         if self.variant not in VARIANTS:
             raise bad("variant", self.variant, f"pass one of {', '.join(map(repr, VARIANTS))}")
 
@@ -62,7 +65,8 @@ FLOOR = 1e-3
 class TunerState:
     """The tuner's state: four length-n vectors and two counters.
 
-    r: reward (stored unclamped), m: running max of |h|, v: running sum of squares of h,
+    With per_group=True there is one tuner per param group: r, m, v, s have shape (groups, n) and
+    lr_ref has shape (groups,), so that ``scale`` is one S per group. r: reward (stored unclamped), m: running max of |h|, v: running sum of squares of h,
     s: the per-beta scales, in units of 1 / lr_ref: their sum divided by lr_ref is the scale S of
     the base optimizer's accumulated updates. lr_ref is 1 in the original form; in the invariant
     form it is the base learning rate, recorded at the first step, so that sum(s) is an effective
@@ -79,16 +83,18 @@ class TunerState:
 
     @property
     def scale(self) -> Tensor:
-        """S, the factor on the base optimizer's accumulated updates."""
-        return self.s.sum() / self.lr_ref
+        """S, the factor on the base optimizer's accumulated updates (one per group with per_group=True)."""
+        return self.s.sum(-1) / self.lr_ref
 
     @staticmethod
-    def fresh(hyper: Hyper, dtype: torch.dtype, device: torch.device) -> "TunerState":
-        n = hyper.num_betas
-        zeros = lambda: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
+    def fresh(hyper: Hyper, dtype: torch.dtype, device: torch.device, groups: int = 1) -> "TunerState":
+        """A new state; ``groups`` tuners (one per param group) if ``hyper.per_group``."""
+        lead = (groups,) if hyper.per_group else ()
+        shape = (*lead, hyper.num_betas)
+        zeros = lambda: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         count = lambda: torch.zeros((), dtype=torch.int64, device=device)  # noqa: E731
-        return TunerState(zeros(), zeros(), zeros(), torch.full((n,), hyper.s_init, dtype=dtype, device=device), count(),
-                          count(), torch.ones((), dtype=dtype, device=device))
+        return TunerState(zeros(), zeros(), zeros(), torch.full(shape, hyper.s_init, dtype=dtype, device=device),
+                          count(), count(), torch.ones(lead, dtype=dtype, device=device))
 
     def tensors(self) -> dict[str, Tensor]:
         return {"r": self.r, "m": self.m, "v": self.v, "s": self.s, "step": self.step, "skipped": self.skipped,
@@ -122,7 +128,8 @@ def betas(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 def update(state: TunerState, sums: Tensor, hyper: Hyper, beta: Tensor) -> tuple[TunerState, Tensor, Tensor]:
     """One tuner update from the reduced global sums; returns (the new state, h, ok).
 
-    ``sums`` holds <g, D>, <x, D>, ||g||^2, ||x||^2, where D is Delta (store_delta=True) or
+    ``sums`` holds <g, D>, <x, D>, ||g||^2, ||x||^2 (shape (4,), or (groups, 4) with one tuner per
+    group: the groups' tuners are independent and share only ``ok``), where D is Delta (store_delta=True) or
     x - x_ref (store_delta=False; the division by S + eps of docs/algorithm.md, "One step", happens here).
     Everything is computed in the units of ``state.s`` (docs/algorithm.md, "The invariant form"):
     the direction is Delta / lr_ref, whose scale is sum(s); with lr_ref = 1 this is the original update.
@@ -130,8 +137,8 @@ def update(state: TunerState, sums: Tensor, hyper: Hyper, beta: Tensor) -> tuple
     the choice is made on the device, so no host sync happens.
     """
     eps, lam = hyper.eps, hyper.weight_decay
-    S = state.s.sum()
-    g_dot_d, x_dot_d, g_sq, x_sq = sums.unbind()
+    S = state.s.sum(-1)
+    g_dot_d, x_dot_d, g_sq, x_sq = sums.unbind(-1)
     gn, xn = g_sq.sqrt(), x_sq.sqrt()
     # h = <g + lam * S * |g| / (|x| + eps) * x, D>
     h = g_dot_d + lam * S * gn / (xn + eps) * x_dot_d
@@ -139,21 +146,22 @@ def update(state: TunerState, sums: Tensor, hyper: Hyper, beta: Tensor) -> tuple
         h = h / state.lr_ref  # D = Delta / lr_ref
     else:
         h = h / (S + eps)  # D = (x - x_ref) / (S + eps): no lr_ref, x - x_ref = S * D already
+    hb = h.unsqueeze(-1)  # broadcast over the betas
     floor = hyper.s_init
     r_old = state.r
     if hyper.variant == "invariant":
         floor = hyper.s_init * FLOOR
         # the start is wealth, s_init / n per beta in units of the first non-zero |h|, which bad bets can lose
-        first = (state.v == 0) & (h != 0)
-        r_old = torch.where(first, hyper.s_init / hyper.num_betas * h.abs(), r_old)
+        first = (state.v == 0) & (hb != 0)
+        r_old = torch.where(first, hyper.s_init / hyper.num_betas * hb.abs(), r_old)
 
-    hc = torch.minimum(torch.maximum(h, -state.m), state.m)  # clip with the OLD m
-    m = torch.maximum(beta * state.m, h.abs() + eps)
-    v = beta * beta * state.v + h * h
+    hc = torch.minimum(torch.maximum(hb, -state.m), state.m)  # clip with the OLD m
+    m = torch.maximum(beta * state.m, hb.abs() + eps)
+    v = beta * beta * state.v + hb * hb
     r = beta * r_old - hc * state.s
     s = (floor / hyper.num_betas * m + r.clamp(min=0)) / (v.sqrt() + eps)
 
-    ok = torch.isfinite(torch.cat([sums, h.reshape(1), m, v, r, s])).all()
+    ok = torch.isfinite(torch.cat([t.reshape(-1) for t in (sums, h, m, v, r, s)])).all()
     keep = lambda new, old: torch.where(ok, new, old)  # noqa: E731
     new = TunerState(keep(r, state.r), keep(m, state.m), keep(v, state.v), keep(s, state.s),
                      state.step + ok.to(torch.int64), state.skipped + (~ok).to(torch.int64), state.lr_ref)

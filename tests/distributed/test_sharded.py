@@ -12,19 +12,23 @@ import scenarios
 
 @pytest.mark.timeout(240)
 def test_two_ranks_match_single_process():
-    """Every form in the default (invariant) form, and DDP, FSDP2, TP and the pipeline in the original."""
+    """Every form in the default (invariant) form, DDP, FSDP2, TP and the pipeline in the original, and
+    DDP, TP and FSDP2 (original form) with per_group=True: two param groups, one tuner each."""
     results = harness.run(2, scenarios.two_rank_forms, timeout=200)
-    assert {"ddp_original", "fsdp2_original", "tp_original", "pipeline_original"} <= set(results[0])
+    assert {"ddp_original", "fsdp2_original", "tp_original", "pipeline_original", "ddp_per_group", "tp_per_group",
+            "fsdp2_per_group_original"} <= set(results[0])
     for form, r in results[0].items():
-        assert r["params_rel"] <= 1e-10 and r["scale_rel"] <= 1e-10, form
+        tol = 1e-9 if "per_group" in form else 1e-10  # (scenarios.check_form)
+        assert r["params_rel"] <= tol and r["scale_rel"] <= tol, form
 
 
 @pytest.mark.timeout(300)
 def test_four_ranks_fsdp2_hsdp_and_2d():
     results = harness.run(4, scenarios.four_rank_forms, timeout=260)
     for r in results:
-        for form in ("fsdp2", "hsdp", "fsdp_tp", "fsdp2_original", "hsdp_original"):
-            assert r[form]["params_rel"] <= 1e-10 and r[form]["scale_rel"] <= 1e-10, form
+        for form in ("fsdp2", "hsdp", "fsdp_tp", "fsdp2_original", "hsdp_original", "fsdp2_per_group", "hsdp_per_group"):
+            tol = 1e-9 if "per_group" in form else 1e-10  # (scenarios.check_form)
+            assert r[form]["params_rel"] <= tol and r[form]["scale_rel"] <= tol, form
     assert len({r["grads_none"]["scale"] for r in results}) == 1
     # per-rank Mechanic state falls as 1/world: the shards add up to two copies of the model
     per_rank = [r["fsdp2"]["state_bytes"] for r in results]
@@ -64,15 +68,17 @@ def saved(tmp_path_factory):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world", [1, 4])
 def test_dcp_resharded_resume(saved, world):
-    """Saved on 2 ranks, loaded on 1 and 4: continues like the uninterrupted run (float64, 1e-9)."""
+    """Saved on 2 ranks, loaded on 1 and 4: continues like the uninterrupted run (float64, 1e-9), with
+    one tuner and with per_group=True."""
     path, uninterrupted = saved
     results = harness.run(world, scenarios.dcp_resume, path, 12, timeout=200)
     for r in results:
-        for a, b in zip(r["params"], uninterrupted["params"]):
-            assert scenarios.rel(a, b) <= 1e-9
-        for a, b in zip(r["scales"], uninterrupted["scales"]):
-            assert abs(a - b) / b <= 1e-9
-    assert uninterrupted["scales"][-1] > 1e-3
+        for got, want in ((r, uninterrupted), (r["per_group"], uninterrupted["per_group"])):
+            for a, b in zip(got["params"], want["params"]):
+                assert scenarios.rel(a, b) <= 1e-9
+            for a, b in zip(got["scales"], want["scales"]):
+                assert abs(a - b) / b <= 1e-9
+    assert uninterrupted["scales"][-1] > 1e-3 and len(uninterrupted["per_group"]["scales"]) == 2 * 12
 
 
 @pytest.mark.timeout(120)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..engine import TunerReadout
+from ..engine import TunerReadout, per_group
 from ..optimizer import Mechanized
 from ..seed import Mechanic, Updater
 
@@ -102,9 +102,12 @@ def _tensors(mechanic: Mechanized | Mechanic, lrs: Sequence[float] | None = None
             effective = mechanic.effective_lr
         else:
             # as TunerReadout.effective_lr: a group with "mechanic": False keeps its lr
-            effective = [S * lr if g.get("mechanic", True) else torch.as_tensor(lr, dtype=S.dtype, device=S.device)
-                         for lr, g in zip(lrs, groups)]
-    out = {PREFIX + "scale": S, PREFIX + "effective_lr": effective[0]}
+            effective = [per_group(S, i) * lr if g.get("mechanic", True)
+                         else torch.as_tensor(lr, dtype=S.dtype, device=S.device)
+                         for i, (lr, g) in enumerate(zip(lrs, groups))]
+    out = {PREFIX + "scale": per_group(S, 0), PREFIX + "effective_lr": effective[0]}
+    if S.dim():  # per_group=True: a scale per group
+        out.update({f"{PREFIX}scale/{i}": s for i, s in enumerate(S.unbind())})
     if len(effective) > 1:
         out.update({f"{PREFIX}effective_lr/{i}": e for i, e in enumerate(effective)})
     return out
