@@ -54,6 +54,10 @@ S_INIT_GRID = [1e-8, 1e-4, 1e-2]  # the original form's other starts (1e-6 is ma
 # the default form with one knob moved, at base lr 1e-2 only (the form is invariant to the base lr)
 ABLATIONS = {"manic_wd1": {"weight_decay": 1.0}, "manic_wd2": {"weight_decay": 2.0},
              "manic_s1e-4": {"s_init": 1e-4}, "manic_s1e-2": {"s_init": 1e-2}}
+# per_group=True (one tuner per param group), at base lr 1e-2, against the default's single tuner:
+# "kind" splits matrices from vectors (biases, norms), the grouping of the usual decay/no-decay split;
+# "layer" makes each matrix a group with the vectors that follow it (its bias, the next norm)
+PER_GROUP = {"manic_per_group_kind": "kind", "manic_per_group_layer": "layer"}
 PROBES = [50, 100, 300]  # probe lengths (--probe)
 PEERS = {"prodigy": 1.0, "dadapt_adam": 1.0, "schedulefree_adamw": 0.0025, "mechanic_pytorch_adamw": 1e-3}
 FIELDS = ["task", "steps", "method", "lr", "seed", "val_loss", "val_acc", "train_loss", "loss0", "final_scale",
@@ -72,12 +76,26 @@ def make_task(name: str, steps: int) -> lr_sweep.Task:
 def build(method: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
     if method == "manic":
         return manic.mechanize(torch.optim.AdamW(params, lr=lr))
+    if method in PER_GROUP:
+        return manic.mechanize(torch.optim.AdamW(param_groups(params, PER_GROUP[method]), lr=lr), per_group=True)
     if method in ABLATIONS:  # the default form with one knob changed
         return manic.mechanize(torch.optim.AdamW(params, lr=lr), **ABLATIONS[method])
     if method.startswith("manic_original"):
         s_init = float(method.split("_s")[-1]) if "_s" in method else 1e-6
         return manic.mechanize(torch.optim.AdamW(params, lr=lr), variant="original", s_init=s_init)
     return lr_sweep.build(method, params, lr)
+
+
+def param_groups(params: list[torch.Tensor], how: str) -> list[dict]:
+    """``params`` (in the model's order) as param groups: "kind" or "layer" (see PER_GROUP)."""
+    if how == "kind":
+        return [{"params": [p for p in params if p.dim() >= 2]}, {"params": [p for p in params if p.dim() < 2]}]
+    out: list[list[torch.Tensor]] = []
+    for p in params:
+        if p.dim() >= 2 or not out:
+            out.append([])
+        out[-1].append(p)
+    return [{"params": g} for g in out]
 
 
 def probe(name: str, steps: int, lr: float, seed: int) -> float:
@@ -135,7 +153,8 @@ def run(job: tuple[str, int, str, float, int]) -> dict:
     if not math.isfinite(val_loss):
         val_loss, val_acc = float("nan"), 0.0
     tail = train[-max(1, steps // 10):]
-    scale = float(opt.scale) if isinstance(opt, manic.Mechanized) else suggested / lr if suggested else float("nan")
+    # (per_group: the first group's, as in the trace)
+    scale = float(opt.scale.reshape(-1)[0]) if isinstance(opt, manic.Mechanized) else suggested / lr if suggested else float("nan")
     return {"task": name, "steps": steps, "method": method, "lr": lr, "seed": seed, "val_loss": val_loss,
             "val_acc": val_acc, "train_loss": sum(tail) / len(tail), "loss0": loss0, "final_scale": scale,
             "peak_eff_lr": max(trace) if trace else float("nan"), "eff_lr_trace": " ".join(f"{v:.3g}" for v in trace)}
@@ -158,7 +177,7 @@ def jobs_for(tasks: list[str], lengths: list[int], seeds: int, s_init_grid: bool
                                                              if s_init_grid else []):
                     jobs += [(name, steps, method, lr, seed) for lr in BASE_LRS]
                 jobs += [(name, steps, method, lr, seed) for method, lr in PEERS.items()]
-                jobs += [(name, steps, method, 1e-2, seed) for method in ABLATIONS]
+                jobs += [(name, steps, method, 1e-2, seed) for method in [*ABLATIONS, *PER_GROUP]]
     # Everything below the longest length first (long runs first, so that the pool does not end on
     # one long job), then the longest length seed by seed: a cut-short study still has whole tables.
     longest = max(lengths)
