@@ -56,7 +56,7 @@ ABLATIONS = {"manic_wd1": {"weight_decay": 1.0}, "manic_wd2": {"weight_decay": 2
              "manic_s1e-4": {"s_init": 1e-4}, "manic_s1e-2": {"s_init": 1e-2}}
 # per_group=True (one tuner per param group), at base lr 1e-2, against the default's single tuner:
 # "kind" splits matrices from vectors (biases, norms), the grouping of the usual decay/no-decay split;
-# "layer" makes each matrix a group with the vectors that follow it (its bias, the next norm)
+# "layer" makes each matrix a group with the vectors that follow it (its bias, the next norm: manic.layer_groups)
 PER_GROUP = {"manic_per_group_kind": "kind", "manic_per_group_layer": "layer"}
 PROBES = [50, 100, 300]  # probe lengths (--probe)
 PEERS = {"prodigy": 1.0, "dadapt_adam": 1.0, "schedulefree_adamw": 0.0025, "mechanic_pytorch_adamw": 1e-3}
@@ -90,12 +90,7 @@ def param_groups(params: list[torch.Tensor], how: str) -> list[dict]:
     """``params`` (in the model's order) as param groups: "kind" or "layer" (see PER_GROUP)."""
     if how == "kind":
         return [{"params": [p for p in params if p.dim() >= 2]}, {"params": [p for p in params if p.dim() < 2]}]
-    out: list[list[torch.Tensor]] = []
-    for p in params:
-        if p.dim() >= 2 or not out:
-            out.append([])
-        out[-1].append(p)
-    return [{"params": g} for g in out]
+    return manic.layer_groups(params)
 
 
 def probe(name: str, steps: int, lr: float, seed: int) -> float:

@@ -20,7 +20,9 @@ MAIN = ["manic", "manic_original", "prodigy", "dadapt_adam", "schedulefree_adamw
 LABELS = {"manic": "manic (default: invariant)", "manic_original": "manic (original)", "prodigy": "Prodigy",
           "dadapt_adam": "D-Adaptation Adam", "schedulefree_adamw": "schedule-free AdamW",
           "mechanic_pytorch_adamw": "mechanic-pytorch", "manic_wd1": "manic, weight_decay 1",
-          "manic_wd2": "manic, weight_decay 2", "manic_s1e-4": "manic, s_init 1e-4", "manic_s1e-2": "manic, s_init 1e-2"}
+          "manic_wd2": "manic, weight_decay 2", "manic_s1e-4": "manic, s_init 1e-4", "manic_s1e-2": "manic, s_init 1e-2",
+          "manic_per_group_kind": "manic, per_group: matrices / vectors",
+          "manic_per_group_layer": "manic, per_group: per layer"}
 
 
 def load(path: Path) -> list[dict]:
@@ -138,9 +140,10 @@ def summary(rows: list[dict]) -> str:
                                 f"{v['ratio']:.3f}x / {v['train']:.3f} / {v['peak']:.2g} / {v['end']:.2g}")
                 out.append(f"| {LABELS[method]} | {lr:g} | " + " | ".join(line) + " |")
         out.append("")
-    abl = [m for m in LABELS if m.startswith("manic_wd") or m.startswith("manic_s1")]
+    abl = [m for m in LABELS if m.startswith(("manic_wd", "manic_s1", "manic_per_group"))]
     if any(r["method"] in abl for r in rows):
-        out += ["One knob of the default moved (base lr 1e-2; loss ratio, seed mean):", "",
+        out += ["One knob of the default moved (base lr 1e-2; loss ratio, seed mean; `per_group`: the default with "
+                "one tuner per param group, the groups as named):", "",
                 *_header("task", "setting", lengths)]
         for task in tasks:
             for method in ["manic"] + abl:

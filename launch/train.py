@@ -21,6 +21,10 @@ def build_optimizer(cfg: Config, model):  # noqa: ANN001, ANN201
     import torch
 
     params = model.parameters()
+    if cfg.mechanic and cfg.mechanic_options.per_group:  # a tuner per layer (docs/tuning.md, "Per-group scales")
+        import manic
+
+        params = manic.layer_groups(params)
     if cfg.optimizer == "sgd":
         base = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     else:

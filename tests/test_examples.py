@@ -24,6 +24,7 @@ EXAMPLES = ROOT / "examples"
 # file: (processes, 0 = plain python; what the final line starts with; the least final scale; timeout s)
 CASES = {
     "quickstart.py": (0, "loss ", 1.0, 90),
+    "per_group.py": (0, "loss ", 0.1, 90),
     "seed_api.py": (0, "resumed run is bitwise identical, ", 1.0, 90),
     "ddp.py": (2, "", 1.0, 120),
     "fsdp2.py": (2, "resumed from DCP, ", 1e-4, 150),

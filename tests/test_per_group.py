@@ -207,3 +207,32 @@ def test_groups_added_before_the_first_step_count_after_it_raises():
     params[2].grad = torch.ones_like(params[2])
     with pytest.raises(RuntimeError, match="per_group=True.*3 groups.*started with 2"):
         opt.step()
+
+
+def test_layer_groups():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.Linear(4, 8), torch.nn.LayerNorm(8),
+                                torch.nn.Linear(8, 2, bias=False))
+    groups = manic.layer_groups(model.parameters(), lr=1e-3)
+    ps = list(model.parameters())
+    assert [[id(p) for p in g["params"]] for g in groups] == [[id(p) for p in ps[i:j]]
+                                                              for i, j in ((0, 2), (2, 6), (6, 7))]
+    assert all(g["lr"] == 1e-3 for g in groups)
+    with pytest.raises(ValueError, match="no parameters"):
+        manic.layer_groups([])
+
+
+def test_launcher_per_group_builds_a_tuner_per_layer():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+    try:
+        import config
+        import train
+    finally:
+        sys.path.pop(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    opt = train.build_optimizer(config.parse(["--per-group"]), model)
+    assert opt.options.per_group and len(opt.param_groups) == 2
+    assert len(train.build_optimizer(config.parse([]), model).param_groups) == 1
