@@ -37,7 +37,8 @@ def test_run_length_quick(tmp_path):
     out = _run(["benchmarks/run_length.py", "--quick", "--jobs", "1"], tmp_path)
     assert "manic (default: invariant)" in out and "Prodigy" in out
     rows = (tmp_path / "run_length_quick.csv").read_text().splitlines()
-    assert len(rows) == 1 + 7 + 5 + 5 + 4 + 4  # header, AdamW grid, two forms x 5 lrs, 4 peers, 4 knobs
+    # header, AdamW grid, two forms x 5 lrs, 4 peers, 4 knobs, 2 per-group groupings
+    assert len(rows) == 1 + 7 + 5 + 5 + 4 + 4 + 2
 
 
 def test_step_overhead_quick(tmp_path):

@@ -1,13 +1,15 @@
 """The per-tensor work of a step, in two implementations with one signature each.
 
 ``EAGER`` uses torch's foreach and out= kernels (no transient parameter-sized buffer);
-``COMPILED`` is the same code through ``torch.compile``, which fuses each function into a
-single pass over the tensors (opt in with ``compile=True``: the first step pays the compile).
+``compiled()`` is the same per-tensor code through ``torch.compile``, which fuses each function into a
+single pass over one tensor, shared by all tensors (opt in with ``compile=True``: the first step pays
+the compile).
 All tensors here are local shards; the 0-dim tensors live on the same device.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
@@ -37,20 +39,40 @@ def partial_sums_eager(gs: list[Tensor], gds: list[Tensor], negate: list[bool], 
     return torch.stack([total(g_dot_d), total(x_dot_d), total(g_sq), total(x_sq)])
 
 
+def _sums_gx(g: Tensor, d: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """[<g, d>, <x, d>, ||g||^2, ||x||^2] of one tensor (one fused pass when compiled)."""
+    g, d, x = g.to(dtype), d.to(dtype), x.to(dtype)
+    return torch.stack([(g * d).sum(), (x * d).sum(), (g * g).sum(), (x * x).sum()])
+
+
+def _sums_x(x: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
+    """[0, <x, d>, 0, ||x||^2] of one tensor without a gradient."""
+    x, d = x.to(dtype), d.to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    return torch.stack([zero, (x * d).sum(), zero, (x * x).sum()])
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.view(-1) if t.is_contiguous() else t
+
+
 def partial_sums_fusable(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: list[Tensor],
-                         xds: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
-    zero = torch.zeros((), dtype=dtype, device=device)
-    g_dot_d, x_dot_d, g_sq, x_sq = zero, zero, zero, zero
-    for g, d, neg in zip(gs, gds, negate):
-        g = g.to(dtype)
-        dot = (g * d.to(dtype)).sum()
-        g_dot_d = g_dot_d - dot if neg else g_dot_d + dot
-        g_sq = g_sq + (g * g).sum()
+                         xds: list[Tensor], dtype: torch.dtype, device: torch.device,
+                         one: Callable = _sums_gx, xonly: Callable = _sums_x) -> Tensor:
+    """The same sums, one tensor at a time through ``one`` / ``xonly`` (compiled: one kernel each,
+    shared by every tensor through dynamic shapes; see ``compiled``)."""
+    grad = {id(d): (g, neg) for g, d, neg in zip(gs, gds, negate)}  # a tensor's direction is its own
+    parts = []
     for x, d in zip(xs, xds):
-        x = x.to(dtype)
-        x_dot_d = x_dot_d + (x * d.to(dtype)).sum()
-        x_sq = x_sq + (x * x).sum()
-    return torch.stack([g_dot_d, x_dot_d, g_sq, x_sq])
+        if id(d) in grad:
+            g, neg = grad[id(d)]
+            part = one(_flat(g), _flat(d), _flat(x), dtype)
+            parts.append(part * torch.tensor([-1.0, 1.0, 1.0, 1.0], dtype=dtype, device=device) if neg else part)
+        else:
+            parts.append(xonly(_flat(x), _flat(d), dtype))
+    if not parts:
+        return torch.zeros(4, dtype=dtype, device=device)
+    return torch.stack(parts).sum(0)
 
 
 def rebase_eager(xs: list[Tensor], refs: list[Tensor], ds: list[Tensor], S_old: Tensor, S_new: Tensor,
@@ -79,14 +101,21 @@ def _split(xs: list[Tensor], refs: list[Tensor], others: list[Tensor]) -> tuple[
     return [t for t in triples if t[1].dtype == t[0].dtype], [t for t in triples if t[1].dtype != t[0].dtype]
 
 
-def rebase_fusable(xs: list[Tensor], refs: list[Tensor], ds: list[Tensor], S_old: Tensor, S_new: Tensor,
-                   ok: Tensor) -> None:
+def _rebase_one(x: Tensor, r: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor, ok: Tensor) -> None:
     keep = 1 - S_old * ok
+    y = torch.where(ok, x - r, 0.0).to(d.dtype)
+    d_new = y + d * keep
+    d.copy_(d_new)
+    x.copy_(r + S_new * d_new)
+
+
+def rebase_fusable(xs: list[Tensor], refs: list[Tensor], ds: list[Tensor], S_old: Tensor, S_new: Tensor,
+                   ok: Tensor, one: Callable = _rebase_one) -> None:
     for x, r, d in zip(xs, refs, ds):
-        y = torch.where(ok, x - r, 0.0).to(d.dtype)
-        d_new = y + d * keep
-        d.copy_(d_new)
-        x.copy_(r + S_new * d_new)
+        if x.is_contiguous() and r.is_contiguous() and d.is_contiguous():
+            one(x.view(-1), r.view(-1), d.view(-1), S_old, S_new, ok)
+        else:
+            _rebase_one(x, r, d, S_old, S_new, ok)
 
 
 def rebase_recompute_eager(xs: list[Tensor], refs: list[Tensor], diffs: list[Tensor], S_old: Tensor,
@@ -110,12 +139,20 @@ def rebase_recompute_eager(xs: list[Tensor], refs: list[Tensor], diffs: list[Ten
         torch.addcmul(r, u, S_new, out=x)
 
 
-def rebase_recompute_fusable(xs: list[Tensor], refs: list[Tensor], diffs: list[Tensor], S_old: Tensor,
-                             S_new: Tensor, ok: Tensor, eps: Tensor | float) -> None:
+def _recompute_one(x: Tensor, r: Tensor, dd: Tensor, S_old: Tensor, S_new: Tensor, ok: Tensor,
+                   eps: Tensor | float) -> None:
     inv = torch.reciprocal(S_old + eps)
+    u = torch.where(ok, x - r - dd, 0.0)
+    x.copy_(r + S_new * (u + dd * inv))
+
+
+def rebase_recompute_fusable(xs: list[Tensor], refs: list[Tensor], diffs: list[Tensor], S_old: Tensor,
+                             S_new: Tensor, ok: Tensor, eps: Tensor | float, one: Callable = _recompute_one) -> None:
     for x, r, dd in zip(xs, refs, diffs):
-        u = torch.where(ok, x - r - dd, 0.0)
-        x.copy_(r + S_new * (u + dd * inv))
+        if x.is_contiguous() and r.is_contiguous() and dd.is_contiguous():
+            one(x.view(-1), r.view(-1), dd.view(-1), S_old, S_new, ok, eps)
+        else:
+            _recompute_one(x, r, dd, S_old, S_new, ok, eps)
 
 
 class Kernels(NamedTuple):
@@ -129,11 +166,15 @@ _compiled: Kernels | None = None
 
 
 def compiled() -> Kernels:
-    """The fused versions (compiled on first use; one graph per tensor-list layout)."""
+    """The fused versions: one compiled kernel per function, applied to every tensor as a flat 1-D view
+    with dynamic shapes, so the compile is paid once (per dtype combination), not per model layout."""
     global _compiled
     if _compiled is None:
         def fuse(fn: Callable) -> Callable:
-            return torch.compile(fn, fullgraph=True, dynamic=False)
+            return torch.compile(fn, fullgraph=True, dynamic=True)
 
-        _compiled = Kernels(fuse(partial_sums_fusable), fuse(rebase_fusable), fuse(rebase_recompute_fusable))
+        sums_gx, sums_x, rebase_one, recompute_one = map(fuse, (_sums_gx, _sums_x, _rebase_one, _recompute_one))
+        _compiled = Kernels(partial(partial_sums_fusable, one=sums_gx, xonly=sums_x),
+                            partial(rebase_fusable, one=rebase_one),
+                            partial(rebase_recompute_fusable, one=recompute_one))
     return _compiled
