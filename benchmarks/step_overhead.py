@@ -6,6 +6,14 @@ time per method is reported with its ratio to the base optimizer it wraps. Model
 of square linear layers of the requested parameter count, float32.
 
     python benchmarks/step_overhead.py [--params 1e6 8e6 3e7] [--bases adamw_fused ...] [--quick]
+    python benchmarks/step_overhead.py --compile-time [--tensors 128]
+
+The pass model (docs/performance.md, "The limit in passes over memory"): a step of Mechanic moves
+``PASSES[method]`` parameter-sized tensors besides the base step, which moves ``BASE_PASSES[base]``;
+at the base's own bandwidth the least a wrapper can cost is ``1 + BOUND / BASE_PASSES`` times the
+base step. "of bound" is that least ratio over the measured one (1.00: at the bound).
+``--compile-time`` measures the first ``compile=True`` step of a model of ``--tensors`` tensors in a
+fresh process with an empty Inductor cache (what a user's first run pays).
 """
 
 from __future__ import annotations
@@ -47,6 +55,22 @@ def variants(base: str) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.
     }
 
 
+# reads + writes of parameter-sized memory per step
+BASE_PASSES = {"adamw_fused": 7, "adamw_foreach": 7, "sgd_foreach": 5}  # AdamW: read x g m v, write x m v
+# Mechanic's extra work: sums (eager: <g,D> and <x,D> read 2 each, the two norms 1 each; fused: g, D, x once)
+# + rebase (eager store_delta: sub 3, where 2, addcmul 3, addcmul 3; fused: read x, x_ref, Delta, write Delta, x)
+# store_delta=False: diffs x - x_ref (3) + sums (6) + rebase (sub 3, sub 3, where 2, addcmul 3, addcmul 3)
+PASSES = {"manic": 6 + 11, "manic, store_delta=False": 3 + 6 + 14, "manic, compile=True": 3 + 5}
+BOUND = 3 + 5  # one fused pass for the sums, one for the rebase
+
+
+def _passes(method: str) -> int | None:
+    if not method.startswith("manic("):
+        return None
+    inner = method[len("manic("):-1].split(", ", 1)
+    return PASSES["manic" + (", " + inner[1] if len(inner) > 1 else "")]
+
+
 def model_params(n: float, seed: int = 0, device: str = "cpu") -> list[torch.Tensor]:
     width = 1024 if n >= 4e6 else 512
     layers = max(1, round(n / (width * width + width)))
@@ -85,8 +109,15 @@ def measure(n: float, bases: list[str], repeats: int, warmup: int, device: str =
     n_actual = sum(p.numel() for p in opts[bases[0]][1].param_groups[0]["params"])
     rows = []
     for name, (base, _) in opts.items():
-        rows.append({"params": n_actual, "method": name, "base": base, "ms": median[name],
-                     "ratio": median[name] / median[base], "overhead_ms": median[name] - median[base]})
+        row = {"params": n_actual, "method": name, "base": base, "ms": median[name],
+               "ratio": median[name] / median[base], "overhead_ms": median[name] - median[base]}
+        passes = _passes(name)
+        if passes is not None:
+            nbytes = 4 * n_actual  # float32
+            row["passes"] = passes
+            row["gbps"] = passes * nbytes / (row["overhead_ms"] * 1e6)  # Mechanic's extra work, GB/s
+            row["of_bound"] = (1 + BOUND / BASE_PASSES[base]) / row["ratio"]
+        rows.append(row)
     for r in rows:  # manic's overhead relative to mechanic-pytorch's over the same base
         mp = next((x["overhead_ms"] for x in rows if x["method"] == f"mechanic-pytorch({r['base']})"), None)
         r["vs_mechanic_pytorch"] = r["overhead_ms"] / mp if mp and r["method"].startswith("manic") else None
@@ -94,11 +125,48 @@ def measure(n: float, bases: list[str], repeats: int, warmup: int, device: str =
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| params | method | step ms | x base | overhead / mechanic-pytorch's |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| params | method | step ms | x base | overhead / mechanic-pytorch's | passes | extra work GB/s | of bound |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         vs = f"{r['vs_mechanic_pytorch']:.2f}" if r["vs_mechanic_pytorch"] is not None else ""
-        lines.append(f"| {r['params'] / 1e6:.1f}M | {r['method']} | {r['ms']:.2f} | {r['ratio']:.2f} | {vs} |")
+        model = (f"{r['passes']} | {r['gbps']:.1f} | {r['of_bound']:.2f}" if "passes" in r else " | | ")
+        lines.append(f"| {r['params'] / 1e6:.1f}M | {r['method']} | {r['ms']:.2f} | {r['ratio']:.2f} | {vs} | {model} |")
     return "\n".join(lines)
+
+
+def _first_compiled_step(tensors: int) -> None:
+    """(In a fresh process.) The first and second compile=True steps over fused AdamW, ``tensors``
+    tensors (256x256 matrices and 256-vectors, alternating)."""
+    params = []
+    for i in range(tensors):
+        shape = (256, 256) if i % 2 == 0 else (256,)
+        p = torch.nn.Parameter(torch.randn(shape) * 0.02)
+        p.grad = torch.randn(shape) * 1e-3
+        params.append(p)
+    opt = manic.mechanize(torch.optim.AdamW(params, lr=1e-3, fused=True), compile=True)
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    print(f"COMPILE {times[0]:.2f} {times[1]:.4f}")
+
+
+def compile_time(tensors: int, out: str) -> None:
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        proc = subprocess.run([sys.executable, __file__, "--_first-step", str(tensors)], env=env, capture_output=True,
+                              text=True, check=True)
+    first, second = next(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("COMPILE"))
+    text = (f"First `compile=True` step, {tensors} tensors (256x256 and 256, fused AdamW base), empty Inductor cache: "
+            f"{float(first):.1f} s; the second step: {float(second) * 1e3:.0f} ms.\n\n"
+            + _common.env_line("python benchmarks/step_overhead.py --compile-time --tensors " + str(tensors)))
+    print(text)
+    _common.save(out, "compile_time", False, text)
 
 
 def main() -> None:
@@ -111,7 +179,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="one small model, few steps (smoke test)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--compile-time", action="store_true", help="only the first compile=True step's time")
+    parser.add_argument("--tensors", type=int, default=128, help="tensors of the --compile-time model")
+    parser.add_argument("--_first-step", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args._first_step:
+        return _first_compiled_step(args._first_step)
+    if args.compile_time:
+        return compile_time(args.tensors, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -125,7 +200,7 @@ def main() -> None:
     print(text)
     md = _common.save(args.out, "step_overhead", args.quick, text)
     with open(md.with_suffix(".csv"), "w") as f:
-        f.write("params,method,base,ms,ratio\n")
+        f.write("params,method,base,ms,ratio\n")  # (the pass model's columns follow from PASSES)
         f.writelines(f"{r['params']},{r['method']},{r['base']},{r['ms']:.4f},{r['ratio']:.4f}\n" for r in rows)
 
 
