@@ -64,3 +64,29 @@ def test_user_compiled_step_follows_eager():
     assert s_comp == pytest.approx(s_eager, rel=1e-12)
     for a, b in zip(p_comp, p_eager):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+@pytest.mark.timeout(600)
+def test_compiled_kernels_split_small_and_large_tensors():
+    """compile=True sends tensors below kernels.SMALL elements to the eager kernels and the others to
+    the compiled ones; on a mix of both, every function gives the eager result (float64)."""
+    from manic import kernels
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(kernels.SMALL,), (3, 4), (2, kernels.SMALL // 2 + 1), (7,)]
+    make = lambda: [torch.randn(s, dtype=torch.float64, generator=gen) for s in shapes]  # noqa: E731
+    gs, ds, xs, refs = make(), make(), make(), make()
+    S_old, S_new, ok = (torch.tensor(v, dtype=torch.float64) for v in (0.5, 0.7, 1.0))
+    ok = ok.bool()
+    fused = kernels.compiled()
+    args = (gs[:3], ds[:3], [False, True, False], xs, ds, torch.float64, torch.device("cpu"))
+    torch.testing.assert_close(fused.partial_sums(*args), kernels.EAGER.partial_sums(*args), rtol=1e-12, atol=0)
+    for name in kernels.Kernels._fields[1:]:  # every rebase
+        extra = (1e-8,) if name == "rebase_recompute" else ()
+        outs = []
+        for k in (kernels.EAGER, fused):
+            x2, r2, d2 = [t.clone() for t in xs], [t.clone() for t in refs], [t.clone() for t in ds]
+            getattr(k, name)(x2, r2, d2, S_old, S_new, ok, *extra)
+            outs.append(x2 + d2)
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
