@@ -12,7 +12,8 @@ from manic import Options
 # with the base optimizer's (--weight-decay); the reducer options are chosen by --parallel.
 MECHANIC_FLAGS = {"weight_decay": "mechanic_weight_decay", "eps": "mechanic_eps", "s_init": "s_init",
                   "num_betas": "num_betas", "store_delta": "store_delta", "variant": "variant", "per_group": "per_group",
-                  "skip_nonfinite": "skip_nonfinite", "compile": "compile", "fp32_reference": "fp32_reference"}
+                  "state": "state", "skip_nonfinite": "skip_nonfinite", "compile": "compile",
+                  "fp32_reference": "fp32_reference"}
 
 # The measured rule of docs/tuning.md ("How the defaults were chosen"): training from scratch for at
 # most this many steps, the invariant form starts better at s_init=1e-2 than at its default 1e-3.

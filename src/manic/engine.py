@@ -3,13 +3,14 @@
 ``prepare`` reads the layout (binding late, see layout.py), computes the local partial sums,
 reduces them in ONE collective and runs the tuner update, all into an immutable ``Plan`` and
 without changing anything. The base optimizer then steps; ``commit`` installs the plan and
-rebases ``x = x_ref + S * Delta``. A base step that raises drops the plan: Mechanic is as it
-was, with no undo code. Both user-facing forms (``mechanize`` and the seed pair) drive this.
+rebases ``x = x_ref + S * Delta`` (state="delta": ``x`` from the plan's transient copy of ``x_t``).
+A base step that raises drops the plan: Mechanic is as it was, with no undo code. Both user-facing
+forms (``mechanize`` and the seed pair) drive this.
 
 Where the state lives: the engine owns its tensors and *publishes* them into the base
 optimizer, so that ordinary checkpoint tools see them: per-parameter buffers under
-``optimizer.state[p]["mechanic_ref" | "mechanic_delta"]``, the tuner's scalars and the
-hyperparameters under ``optimizer.param_groups[0]["mechanic_*"]``.
+``optimizer.state[p]["mechanic_ref" | "mechanic_delta"]`` (which of them: the state mode), the
+tuner's scalars and the hyperparameters under ``optimizer.param_groups[0]["mechanic_*"]``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .compat import foreach_sub, is_dtensor, local
 from .layout import Buffers, Layout, bind, carry
 from .options import Options
 from .reduce import NoReduce, check_config
-from .state import DELTA, PARAM_KEYS, REF, check_state_dict, group_entries, hidden
+from .state import BUFFERS, DELTA, PARAM_KEYS, REF, check_state_dict, group_entries, hidden
 from .tuner import TunerState
 
 _NAN_STATS = ("h", "grad_norm", "param_norm")
@@ -43,7 +44,9 @@ class Update:
     tuner: TunerState  # after the step
     S_old: Tensor
     ok: Tensor  # the sums were finite (0-dim bool, on the device)
-    diffs: list[Tensor] | None  # x_t - x_ref (store_delta=False only)
+    # the step's one transient parameter-sized buffer, per slot: x_t - x_ref (state "ref") or a copy of
+    # x_t (state "delta"); None with "ref+delta". Freed with the plan, after the rebase.
+    saved: list[Tensor] | None
     skip_base: bool  # skip_nonfinite and the sums were not finite
     last: dict[str, Tensor]  # statistics for stats()
 
@@ -111,9 +114,10 @@ class Engine:
         return delta_dtype(p.dtype) if self.options.fp32_reference else p.dtype
 
     def _new_buffers(self, p: Tensor) -> Buffers:
+        keys = BUFFERS[self.hyper.state]
         with torch.no_grad():
-            buf = {REF: p.detach().to(self._ref_dtype(p), copy=True)}
-            if self.hyper.store_delta:
+            buf = {REF: p.detach().to(self._ref_dtype(p), copy=True)} if REF in keys else {}
+            if DELTA in keys:
                 buf[DELTA] = torch.zeros_like(p, dtype=delta_dtype(p.dtype))
         return buf
 
@@ -131,7 +135,8 @@ class Engine:
         if not self._checked:
             o, h = self.options, self.hyper
             check_config({"weight_decay": h.weight_decay, "eps": h.eps, "s_init": h.s_init,
-                          "num_betas": h.num_betas, "store_delta": h.store_delta, "variant": h.variant,
+                          "num_betas": h.num_betas, "store_delta": h.store_delta, "state": h.state,
+                          "variant": h.variant,
                           # the invariant form's unit: ranks (e.g. pipeline stages) with different lrs would
                           # tune in different units
                           "lr_ref": self._max_lr() if h.variant == "invariant" else None,
@@ -165,12 +170,14 @@ class Engine:
             if self.hyper.variant == "invariant":
                 lr_ref = self._lr_refs() if self.hyper.per_group else self._lr_ref()
                 state = replace(state, lr_ref=torch.tensor(lr_ref, dtype=layout.dtype, device=layout.device))
-        sums, diffs = self._local_sums(layout, buffers)
+        sums, saved = self._local_sums(layout, buffers)
         sums = layout.reducer.all_reduce_sum(sums)
         new, h, ok = tuner.update(state, sums, self.hyper, self._betas(layout))
         last = {"h": h, "grad_norm": sums[..., tuner.G_SQ].sqrt(), "param_norm": sums[..., tuner.X_SQ].sqrt()}
         skip_base = self.options.skip_nonfinite and not bool(ok)  # the one host sync, by request
-        return Plan(layout, buffers, started, state, Update(new, state.scale, ok, diffs, skip_base, last))
+        if self.hyper.state == "delta" and not skip_base:  # x_t, to recover u = x_after - x_t
+            saved = [local(s.ref()).clone() for s in layout.slots]  # type: ignore[arg-type]
+        return Plan(layout, buffers, started, state, Update(new, state.scale, ok, saved, skip_base, last))
 
     def _betas(self, layout: Layout) -> Tensor:
         """The betas in the tuner's dtype on its device, built once per layout dtype and device
@@ -208,7 +215,7 @@ class Engine:
 
     def _local_sums(self, layout: Layout, buffers: dict[int, Buffers]) -> tuple[Tensor, list[Tensor] | None]:
         slots = layout.slots
-        if self.hyper.store_delta:
+        if self.hyper.state != "ref":
             direction = {s.index: local(buffers[s.index][DELTA]) for s in slots if s.counted}
             diffs = None
         else:
@@ -274,13 +281,17 @@ class Engine:
                 continue
             pick = (lambda t: t[g]) if self.hyper.per_group else (lambda t: t)  # noqa: E731
             xs = [local(slots[k].ref()) for k in ks]  # type: ignore[arg-type]
-            refs = [local(plan.buffers[slots[k].index][REF]) for k in ks]
-            if self.hyper.store_delta:
-                ds = [local(plan.buffers[slots[k].index][DELTA]) for k in ks]
+            mine = [plan.buffers[slots[k].index] for k in ks]
+            saved = [u.saved[k] for k in ks] if u.saved is not None else []
+            if self.hyper.state == "delta":
+                ds = [local(b[DELTA]) for b in mine]
+                self._kernels.rebase_delta(xs, saved, ds, pick(u.S_old), pick(S_new), u.ok)
+            elif self.hyper.state == "ref+delta":
+                refs, ds = [local(b[REF]) for b in mine], [local(b[DELTA]) for b in mine]
                 self._kernels.rebase(xs, refs, ds, pick(u.S_old), pick(S_new), u.ok)
             else:
-                diffs = [u.diffs[k] for k in ks]  # type: ignore[index]
-                self._kernels.rebase_recompute(xs, refs, diffs, pick(u.S_old), pick(S_new), u.ok, pick(eps))
+                refs = [local(b[REF]) for b in mine]
+                self._kernels.rebase_recompute(xs, refs, saved, pick(u.S_old), pick(S_new), u.ok, pick(eps))
 
     def _install(self, layout: Layout, buffers: dict[int, Buffers], state: TunerState) -> None:
         self.layout, self.buffers = layout, buffers
@@ -329,7 +340,8 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Mechanic's own state: {"state": {index: {mechanic_ref, mechanic_delta}}, "tuner": {mechanic_*}}."""
+        """Mechanic's own state: {"state": {index: {mechanic_ref, mechanic_delta (by the state mode)}},
+        "tuner": {mechanic_*}}."""
         self.sync()
         return {"state": {i: dict(b) for i, b in self.buffers.items()}, "tuner": group_entries(self.tuner, self.hyper)}
 
@@ -370,7 +382,7 @@ class Engine:
         buffers = {}
         for s in layout.slots:
             entry, p = saved.get(s.index), s.ref()
-            if entry and REF in entry:
+            if entry and any(k in entry for k in PARAM_KEYS):
                 buffers[s.index] = {k: self._placed(p, k, entry[k]) for k in PARAM_KEYS if k in entry}
             elif self.started:  # an empty local shard (see check_state_dict)
                 buffers[s.index] = self._new_buffers(p)

@@ -1,6 +1,7 @@
 """The per-tensor work of a step, in two implementations with one signature each.
 
-``EAGER`` uses torch's foreach and out= kernels (no transient parameter-sized buffer);
+``EAGER`` uses torch's foreach and out= kernels (no transient parameter-sized buffer beyond the
+copy of x_t that state="delta" takes before the base step);
 ``compiled()`` is the same per-tensor code through ``torch.compile``, which fuses each function into a
 single pass over one tensor, shared by all tensors (opt in with ``compile=True``: the first step pays
 the compile).
@@ -155,26 +156,94 @@ def rebase_recompute_fusable(xs: list[Tensor], refs: list[Tensor], diffs: list[T
             _recompute_one(x, r, dd, S_old, S_new, ok, eps)
 
 
+def rebase_delta_eager(xs: list[Tensor], prevs: list[Tensor], ds: list[Tensor], S_old: Tensor, S_new: Tensor,
+                       ok: Tensor) -> None:
+    """state="delta". On entry xs hold x_after, prevs x_t (the step's transient copy, used as scratch),
+    ds Delta_t. u = x_after - x_t (u := 0 if not ok); Delta <- Delta + u;
+    x <- x_t + (S_new - S_old) * Delta_t + S_new * u = x_t + ((S_new - S_old) * Delta_{t+1} + S_old * u)."""
+    dS = S_new - S_old
+    same, wide = _split(xs, ds, prevs)  # (Delta is wider than 16-bit parameters)
+    if same:
+        foreach_sub_([x for x, _, _ in same], [p for _, _, p in same])  # u
+    for x, d, p in same:
+        torch.where(ok, x, x.new_zeros(()), out=x)
+        d.add_(x)
+        x.mul_(S_old).addcmul_(d, dS).add_(p)  # the increment, added to x_t in one rounding
+    for x, d, p in wide:
+        _rebase_delta_one(x, p, d, S_old, S_new, ok)
+
+
+def _rebase_delta_one(x: Tensor, p: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor, ok: Tensor) -> None:
+    u = torch.where(ok, x.to(d.dtype) - p.to(d.dtype), 0.0)
+    d_new = d + u
+    d.copy_(d_new)
+    x.copy_(p.to(d.dtype) + (S_old * u + (S_new - S_old) * d_new))
+
+
+def rebase_delta_fusable(xs: list[Tensor], prevs: list[Tensor], ds: list[Tensor], S_old: Tensor, S_new: Tensor,
+                         ok: Tensor, one: Callable = _rebase_delta_one) -> None:
+    for x, p, d in zip(xs, prevs, ds):
+        if x.is_contiguous() and p.is_contiguous() and d.is_contiguous():
+            one(x.view(-1), p.view(-1), d.view(-1), S_old, S_new, ok)
+        else:
+            _rebase_delta_one(x, p, d, S_old, S_new, ok)
+
+
 class Kernels(NamedTuple):
     partial_sums: Callable[..., Tensor]
     rebase: Callable[..., None]
     rebase_recompute: Callable[..., None]
+    rebase_delta: Callable[..., None]
 
 
-EAGER = Kernels(partial_sums_eager, rebase_eager, rebase_recompute_eager)
+EAGER = Kernels(partial_sums_eager, rebase_eager, rebase_recompute_eager, rebase_delta_eager)
 _compiled: Kernels | None = None
 
 
+# Below this many elements a compiled call's fixed cost (~0.1 ms on CPU) exceeds what fusing saves over
+# the eager foreach kernels, which take all small tensors in one launch per op (docs/performance.md).
+SMALL = 1 << 17
+
+
+def _split_small(fused: Callable, eager: Callable) -> Callable:
+    """A rebase that sends tensors of fewer than SMALL elements to ``eager`` and the others to ``fused``."""
+    def run(xs: list[Tensor], refs: list[Tensor], others: list[Tensor], *args: object) -> None:
+        small = [x.numel() < SMALL for x in xs]
+        for fn, want in ((eager, True), (fused, False)):
+            picked = [i for i, sm in enumerate(small) if sm == want]
+            if picked:
+                fn([xs[i] for i in picked], [refs[i] for i in picked], [others[i] for i in picked], *args)
+    return run
+
+
+def _split_small_sums(fused: Callable) -> Callable:
+    def run(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: list[Tensor], xds: list[Tensor],
+            dtype: torch.dtype, device: torch.device) -> Tensor:
+        small = {id(d) for x, d in zip(xs, xds) if x.numel() < SMALL}
+        parts = []
+        for fn, want in ((partial_sums_eager, True), (fused, False)):
+            g_sel = [i for i, d in enumerate(gds) if (id(d) in small) == want]
+            x_sel = [i for i, d in enumerate(xds) if (id(d) in small) == want]
+            if g_sel or x_sel:
+                parts.append(fn([gs[i] for i in g_sel], [gds[i] for i in g_sel], [negate[i] for i in g_sel],
+                                [xs[i] for i in x_sel], [xds[i] for i in x_sel], dtype, device))
+        return torch.stack(parts).sum(0) if parts else torch.zeros(4, dtype=dtype, device=device)
+    return run
+
+
 def compiled() -> Kernels:
-    """The fused versions: one compiled kernel per function, applied to every tensor as a flat 1-D view
-    with dynamic shapes, so the compile is paid once (per dtype combination), not per model layout."""
+    """The fused versions: one compiled kernel per function, shared by every tensor through flat 1-D
+    views and dynamic shapes, so the compile is paid once (per dtype combination), not per model layout.
+    Tensors below SMALL elements stay on the eager foreach kernels."""
     global _compiled
     if _compiled is None:
         def fuse(fn: Callable) -> Callable:
             return torch.compile(fn, fullgraph=True, dynamic=True)
 
-        sums_gx, sums_x, rebase_one, recompute_one = map(fuse, (_sums_gx, _sums_x, _rebase_one, _recompute_one))
-        _compiled = Kernels(partial(partial_sums_fusable, one=sums_gx, xonly=sums_x),
-                            partial(rebase_fusable, one=rebase_one),
-                            partial(rebase_recompute_fusable, one=recompute_one))
+        sums_gx, sums_x, rebase_one, recompute_one, delta_one = map(
+            fuse, (_sums_gx, _sums_x, _rebase_one, _recompute_one, _rebase_delta_one))
+        _compiled = Kernels(_split_small_sums(partial(partial_sums_fusable, one=sums_gx, xonly=sums_x)),
+                            _split_small(partial(rebase_fusable, one=rebase_one), rebase_eager),
+                            _split_small(partial(rebase_recompute_fusable, one=recompute_one), rebase_recompute_eager),
+                            _split_small(partial(rebase_delta_fusable, one=delta_one), rebase_delta_eager))
     return _compiled

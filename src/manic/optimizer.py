@@ -121,7 +121,7 @@ class Mechanized(TunerReadout, torch.optim.Optimizer):
         reducer = repr(self._engine.reducer) if self._engine.layout is not None else "(chosen at the first step)"
         base = "\n".join("    " + line for line in repr(self._base).splitlines()).lstrip()
         return (f"Mechanized(\n    {base},\n    weight_decay={h.weight_decay}, eps={h.eps}, s_init={h.s_init}, "
-                f"num_betas={h.num_betas}, store_delta={h.store_delta},\n    reducer={reducer}\n)")
+                f"num_betas={h.num_betas}, store_delta={h.store_delta}, state={h.state!r},\n    reducer={reducer}\n)")
 
 
 @with_options_signature

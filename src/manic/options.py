@@ -33,10 +33,14 @@ class Options:
     s_init: float | None = field(default=None, metadata=_doc(
         "the start: an effective lr (invariant; None: 1e-3), or the initial scale (original; None: 1e-6)"))
     num_betas: int = field(default=6, metadata=_doc("betas 1 - 10**-i, i = 1..n"))
-    store_delta: bool = field(default=True, metadata=_doc("keep Delta as state; False recomputes it"))
+    store_delta: bool = field(default=True, metadata=_doc(
+        "the older spelling of state: True 'ref+delta', False 'ref' (used when state is None)"))
     variant: str = field(default="invariant", metadata=_doc(
         "'invariant': the scale in units of the base lr; 'original': the authors' update"))
     per_group: bool = field(default=False, metadata=_doc("one tuner (and scale) per param group"))
+    state: str | None = field(default=None, metadata=_doc(
+        "what is kept per parameter: 'ref+delta' (x_ref and Delta), 'ref' (x_ref; Delta recomputed) or 'delta' "
+        "(Delta; x_ref implied); None: from store_delta"))
     # how it runs
     reducer: Any = field(default=None, metadata=_doc("object with all_reduce_sum(tensor) -> tensor"))
     process_group: Any = field(default=None, metadata=_doc("group to all-reduce the sums over"))
@@ -58,6 +62,9 @@ class Options:
         for name in ("skip_nonfinite", "compile", "fp32_reference"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Invalid {name}: {getattr(self, name)!r}; pass True or False")
+        if self.fp32_reference and self.hyper.state == "delta":
+            raise ValueError("fp32_reference=True widens x_ref, but state='delta' keeps no x_ref (its Delta is "
+                             "float32 for 16-bit parameters already); drop fp32_reference")
 
     @property
     def hyper(self) -> Hyper:
@@ -65,7 +72,7 @@ class Options:
         s_init = default["s_init"] if self.s_init is None else self.s_init
         weight_decay = default["weight_decay"] if self.weight_decay is None else self.weight_decay
         return Hyper(weight_decay=weight_decay, eps=self.eps, s_init=s_init, num_betas=self.num_betas,
-                     store_delta=self.store_delta, variant=self.variant, per_group=self.per_group)
+                     store_delta=self.store_delta, variant=self.variant, per_group=self.per_group, state=self.state)
 
     @classmethod
     def from_kwargs(cls, where: str, kwargs: dict[str, Any]) -> "Options":

@@ -1,8 +1,8 @@
 """The layout of Mechanic's state in a state dict, and its checks.
 
-Per parameter: ``mechanic_ref`` (and ``mechanic_delta`` with store_delta=True) in
-``state[index]``; the tuner's tensors, the hyperparameters and the format version as
-``mechanic_*`` entries of the first param group.
+Per parameter, by the state mode: ``mechanic_ref`` and ``mechanic_delta`` ("ref+delta"),
+``mechanic_ref`` ("ref") or ``mechanic_delta`` ("delta") in ``state[index]``; the tuner's tensors,
+the hyperparameters and the format version as ``mechanic_*`` entries of the first param group.
 """
 
 from __future__ import annotations
@@ -15,14 +15,20 @@ from torch import Tensor
 
 from .tuner import Hyper, TunerState
 
-FORMAT_VERSION = 3  # 2 added lr_ref and variant (a version-1 state dict is the original form); 3 added per_group
+# 2 added lr_ref and variant (a version-1 state dict is the original form); 3 added per_group; 4 added state
+FORMAT_VERSION = 4
 REF, DELTA = "mechanic_ref", "mechanic_delta"
 PARAM_KEYS = (REF, DELTA)
+BUFFERS = {"ref+delta": (REF, DELTA), "ref": (REF,), "delta": (DELTA,)}  # the buffers of each state mode
 TUNER_KEYS = ("r", "m", "v", "s", "step", "skipped", "lr_ref")
-# the variant first: it sets what the defaults of the others mean, so a mismatch names it
-HYPER_KEYS = ("variant", "weight_decay", "eps", "s_init", "num_betas", "store_delta", "per_group")
-# what an older state dict, which lacks them, means: {key: (the version that added it, its meaning before)}
-ADDED: dict[str, tuple[int, Any]] = {"variant": (2, "original"), "per_group": (3, False)}
+# the variant first: it sets what the defaults of the others mean, so a mismatch names it; the state
+# mode before store_delta, which it implies, so a mismatch names the mode (with its store_delta spelling)
+HYPER_KEYS = ("variant", "weight_decay", "eps", "s_init", "num_betas", "state", "store_delta", "per_group")
+# what an older state dict, which lacks them, means: {key: (the version that added it, its meaning before:
+# a value, or a function of the saved tuner entries)}
+ADDED: dict[str, tuple[int, Any]] = {
+    "variant": (2, "original"), "per_group": (3, False),
+    "state": (4, lambda t: "ref+delta" if t.get("mechanic_store_delta", True) else "ref")}
 
 
 def group_entries(tuner: TunerState, hyper: Hyper) -> dict[str, Any]:
@@ -67,10 +73,12 @@ def check_state_dict(sd: dict[str, Any], hyper: Hyper, entries: list[tuple[int, 
         raise ValueError(f"Unsupported Mechanic state format version {version!r}; this manic reads <= {FORMAT_VERSION}")
     for k in HYPER_KEYS:
         added, before = ADDED.get(k, (0, None))
+        if version < added and callable(before):
+            before = before(t)
         saved, mine = t.get(f"mechanic_{k}", before if version < added else None), getattr(hyper, k)
         if saved != mine or type(saved) is not type(mine) and isinstance(mine, bool):
-            raise ValueError(f"Checkpoint has {k}={saved!r} but this Mechanic has {k}={mine!r}; "
-                             f"build it with {k}={saved!r} to resume this run")
+            raise ValueError(f"Checkpoint has {k}={_spelled(k, saved)} but this Mechanic has "
+                             f"{k}={_spelled(k, mine)}; build it with {k}={saved!r} to resume this run")
     n, lead = hyper.num_betas, (groups,) if hyper.per_group else ()
     for k in TUNER_KEYS:
         if k == "lr_ref" and version == 1:
@@ -81,7 +89,7 @@ def check_state_dict(sd: dict[str, Any], hyper: Hyper, entries: list[tuple[int, 
             raise ValueError(f"Checkpoint entry mechanic_{k} should be a tensor of shape {want}, got {v!r:.80}")
     state = sd.get("state", {})
     mine_by_index = dict(entries)
-    want_keys = set(PARAM_KEYS if hyper.store_delta else (REF,))
+    want_keys = set(BUFFERS[hyper.state])
     started = int(t["mechanic_step"]) > 0
     for i, p in mine_by_index.items():
         entry = {k: v for k, v in state.get(i, {}).items() if k in PARAM_KEYS}
@@ -93,7 +101,7 @@ def check_state_dict(sd: dict[str, Any], hyper: Hyper, entries: list[tuple[int, 
             continue
         if set(entry) != want_keys:
             raise ValueError(f"Checkpoint parameter {i} has Mechanic buffers {sorted(entry)}, expected "
-                             f"{sorted(want_keys)} (store_delta={hyper.store_delta})")
+                             f"{sorted(want_keys)} (state={hyper.state!r})")
         for k, v in entry.items():
             if not isinstance(v, Tensor) or v.shape != p.shape:
                 shape = getattr(v, "shape", None)
@@ -104,6 +112,13 @@ def check_state_dict(sd: dict[str, Any], hyper: Hyper, entries: list[tuple[int, 
     if extra:
         raise ValueError(f"Checkpoint has Mechanic buffers for parameters {extra}, but this optimizer has "
                          f"{positions} parameters; it comes from another model or optimizer layout")
+
+
+def _spelled(key: str, value: Any) -> str:
+    """A value for a message; the state modes store_delta also spells, with that spelling."""
+    if key == "state" and value in ("ref+delta", "ref"):
+        return f"{value!r} (store_delta={value == 'ref+delta'})"
+    return repr(value)
 
 
 def strip_mechanic(sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 # Layout of the packed tensor of global sums that one step reduces across ranks.
-# With D the accumulated direction (Delta, or x - x_ref in the recompute form):
+# With D the accumulated direction (Delta, or x - x_ref in the recompute form, state="ref"):
 G_DOT_D, X_DOT_D, G_SQ, X_SQ = range(4)
 NUM_SUMS = 4
 
@@ -29,6 +29,7 @@ class Hyper:
     store_delta: bool = True
     variant: str = "original"
     per_group: bool = False
+    state: str | None = None  # None: "ref+delta" if store_delta else "ref" (resolved here)
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, fix: str) -> ValueError:
@@ -54,9 +55,21 @@ class Hyper:
             raise TypeError(f"Invalid per_group: {self.per_group!r}; pass True or False")
         if self.variant not in VARIANTS:
             raise bad("variant", self.variant, f"pass one of {', '.join(map(repr, VARIANTS))}")
+        if self.state is None:
+            object.__setattr__(self, "state", "ref+delta" if self.store_delta else "ref")
+        elif self.state not in STATES:
+            raise bad("state", self.state, f"pass one of {', '.join(map(repr, STATES))}")
+        elif not self.store_delta and self.state != "ref":
+            raise ValueError(f"Invalid store_delta=False with state={self.state!r}: store_delta=False is the older "
+                             "spelling of state='ref'; pass only state=")
+        # store_delta says whether Delta is state (it is with "ref+delta" and "delta")
+        object.__setattr__(self, "store_delta", self.state != "ref")
 
 
 VARIANTS = ("invariant", "original")
+# What Mechanic keeps per parameter (docs/algorithm.md): x_ref and Delta; x_ref only (Delta recomputed
+# as (x - x_ref) / S); Delta only (x_ref = x - S * Delta implied).
+STATES = ("ref+delta", "ref", "delta")
 # The invariant form's floor, as a fraction of its start (docs/algorithm.md, "The invariant form").
 FLOOR = 1e-3
 
@@ -129,8 +142,8 @@ def update(state: TunerState, sums: Tensor, hyper: Hyper, beta: Tensor) -> tuple
     """One tuner update from the reduced global sums; returns (the new state, h, ok).
 
     ``sums`` holds <g, D>, <x, D>, ||g||^2, ||x||^2 (shape (4,), or (groups, 4) with one tuner per
-    group: the groups' tuners are independent and share only ``ok``), where D is Delta (store_delta=True) or
-    x - x_ref (store_delta=False; the division by S + eps of docs/algorithm.md, "One step", happens here).
+    group: the groups' tuners are independent and share only ``ok``), where D is Delta (state "ref+delta" or
+    "delta") or x - x_ref (state "ref"; the division by S + eps of docs/algorithm.md, "One step", happens here).
     Everything is computed in the units of ``state.s`` (docs/algorithm.md, "The invariant form"):
     the direction is Delta / lr_ref, whose scale is sum(s); with lr_ref = 1 this is the original update.
     A step whose sums are not finite leaves the state as it was and counts as skipped;
@@ -142,7 +155,7 @@ def update(state: TunerState, sums: Tensor, hyper: Hyper, beta: Tensor) -> tuple
     gn, xn = g_sq.sqrt(), x_sq.sqrt()
     # h = <g + lam * S * |g| / (|x| + eps) * x, D>
     h = g_dot_d + lam * S * gn / (xn + eps) * x_dot_d
-    if hyper.store_delta:
+    if hyper.state != "ref":
         h = h / state.lr_ref  # D = Delta / lr_ref
     else:
         h = h / (S + eps)  # D = (x - x_ref) / (S + eps): no lr_ref, x - x_ref = S * D already

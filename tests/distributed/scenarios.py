@@ -304,25 +304,28 @@ def pipeline(rank: int, world: int, **options: Any) -> dict:
 
 def two_rank_forms(rank: int, world: int) -> dict:
     """Every form in the default (invariant) form; DDP, FSDP2, TP and the pipeline in the original
-    form too (in the same process group)."""
+    form too (in the same process group); DDP, FSDP2 and TP with state="delta" (one buffer)."""
     return {"ddp": ddp(rank, world), "fsdp1": fsdp1(rank, world, False), "fsdp1_orig": fsdp1(rank, world, True),
             "fsdp2": fsdp2(rank, world), "tp": tp(rank, world), "pipeline": pipeline(rank, world),
             "ddp_original": ddp(rank, world, **ORIGINAL), "fsdp2_original": fsdp2(rank, world, **ORIGINAL),
             "tp_original": tp(rank, world, **ORIGINAL), "pipeline_original": pipeline(rank, world, **ORIGINAL),
             "ddp_per_group": ddp(rank, world, per_group=True), "tp_per_group": tp(rank, world, per_group=True),
-            "fsdp2_per_group_original": fsdp2(rank, world, per_group=True, **ORIGINAL)}
+            "fsdp2_per_group_original": fsdp2(rank, world, per_group=True, **ORIGINAL),
+            "ddp_delta": ddp(rank, world, state="delta"), "fsdp2_delta": fsdp2(rank, world, state="delta"),
+            "tp_delta": tp(rank, world, state="delta")}
 
 
 def four_rank_forms(rank: int, world: int) -> dict:
     return {"fsdp2": fsdp2(rank, world), "hsdp": hsdp(rank, world), "fsdp_tp": fsdp_tp(rank, world),
             "grads_none": grads_none_on_one_rank(rank, world), "fsdp2_original": fsdp2(rank, world, **ORIGINAL),
             "hsdp_original": hsdp(rank, world, **ORIGINAL), "fsdp2_per_group": fsdp2(rank, world, per_group=True),
-            "hsdp_per_group": hsdp(rank, world, per_group=True)}
+            "hsdp_per_group": hsdp(rank, world, per_group=True), "fsdp2_delta": fsdp2(rank, world, state="delta"),
+            "hsdp_delta": hsdp(rank, world, state="delta")}
 
 
 # ----------------------------------------------------------------------------- config check
-CONFIG_FIELDS = ("weight_decay", "eps", "s_init", "num_betas", "store_delta", "variant", "per_group", "lr_ref",
-                 "reducer", "num_params")
+CONFIG_FIELDS = ("weight_decay", "eps", "s_init", "num_betas", "store_delta", "state", "variant", "per_group",
+                 "lr_ref", "reducer", "num_params")
 
 
 def config_mismatch(rank: int, world: int) -> dict[str, str]:
@@ -337,6 +340,7 @@ def config_mismatch(rank: int, world: int) -> dict[str, str]:
         if rank == 1:
             kwargs = {"weight_decay": {"weight_decay": 0.5}, "eps": {"eps": 1e-6}, "s_init": {"s_init": 1e-5},
                       "num_betas": {"num_betas": 3}, "store_delta": {"store_delta": False},
+                      "state": {"state": "delta"},
                       # (with its defaults: weight_decay and s_init differ as well)
                       "variant": {"variant": "original"}, "per_group": {"per_group": True},
                       "reducer": {"device_mesh": None, "process_group": None}}.get(field, {})

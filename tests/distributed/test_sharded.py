@@ -12,11 +12,12 @@ import scenarios
 
 @pytest.mark.timeout(240)
 def test_two_ranks_match_single_process():
-    """Every form in the default (invariant) form, DDP, FSDP2, TP and the pipeline in the original, and
-    DDP, TP and FSDP2 (original form) with per_group=True: two param groups, one tuner each."""
+    """Every form in the default (invariant) form, DDP, FSDP2, TP and the pipeline in the original, DDP,
+    TP and FSDP2 (original form) with per_group=True: two param groups, one tuner each, and DDP, FSDP2
+    and TP with state="delta" (one buffer, a transient copy of the local shards)."""
     results = harness.run(2, scenarios.two_rank_forms, timeout=200)
     assert {"ddp_original", "fsdp2_original", "tp_original", "pipeline_original", "ddp_per_group", "tp_per_group",
-            "fsdp2_per_group_original"} <= set(results[0])
+            "fsdp2_per_group_original", "ddp_delta", "fsdp2_delta", "tp_delta"} <= set(results[0])
     for form, r in results[0].items():
         tol = 1e-9 if "per_group" in form else 1e-10  # (scenarios.check_form)
         assert r["params_rel"] <= tol and r["scale_rel"] <= tol, form
@@ -26,7 +27,8 @@ def test_two_ranks_match_single_process():
 def test_four_ranks_fsdp2_hsdp_and_2d():
     results = harness.run(4, scenarios.four_rank_forms, timeout=260)
     for r in results:
-        for form in ("fsdp2", "hsdp", "fsdp_tp", "fsdp2_original", "hsdp_original", "fsdp2_per_group", "hsdp_per_group"):
+        for form in ("fsdp2", "hsdp", "fsdp_tp", "fsdp2_original", "hsdp_original", "fsdp2_per_group", "hsdp_per_group",
+                     "fsdp2_delta", "hsdp_delta"):
             tol = 1e-9 if "per_group" in form else 1e-10  # (scenarios.check_form)
             assert r[form]["params_rel"] <= tol and r[form]["scale_rel"] <= tol, form
     assert len({r["grads_none"]["scale"] for r in results}) == 1
@@ -34,6 +36,8 @@ def test_four_ranks_fsdp2_hsdp_and_2d():
     per_rank = [r["fsdp2"]["state_bytes"] for r in results]
     total = 2 * 8 * sum(p.numel() for p in scenarios.make_net().parameters())
     assert sum(per_rank) == total and max(per_rank) <= total / 4 + 2 * 8 * 16, per_rank
+    # state="delta": one copy
+    assert sum(r["fsdp2_delta"]["state_bytes"] for r in results) == total // 2
 
 
 @pytest.mark.timeout(120)
