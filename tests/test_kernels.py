@@ -333,5 +333,6 @@ def test_rebase_recompute_eps_as_a_tensor(kind):
 
 
 def test_eager_kernels_are_the_default_set():
-    assert kernels.EAGER == (kernels.partial_sums_eager, kernels.rebase_eager, kernels.rebase_recompute_eager)
+    assert kernels.EAGER == (kernels.partial_sums_eager, kernels.rebase_eager, kernels.rebase_recompute_eager,
+                             kernels.rebase_delta_eager)
     assert math.isfinite(EPS)
