@@ -3,8 +3,10 @@
 Measured per method, each in a fresh process (so allocator high-water marks do not mix):
 - persistent extra: bytes of every tensor in the optimizer's state (and param groups), minus
   the same for plain AdamW, the base every method is compared with;
-- peak extra: the process's high-water RSS after a few steps (ru_maxrss; on CUDA
-  torch.cuda.max_memory_allocated), minus the same run with plain AdamW.
+- peak extra: how far the steps raise the process's high-water RSS above where it stood right
+  before the first step, with the model, its gradients and the optimizer built (ru_maxrss; on CUDA
+  torch.cuda.max_memory_allocated), minus the same for plain AdamW: the state the steps create
+  plus the largest transient of a step, without the process's own noise.
 The model is a stack of 1024x1024 linear layers with fixed random gradients.
 ``--fsdp2`` adds the same per rank under FSDP2 at 1, 2 and 4 ranks (gloo on CPU; local shards),
 where a method that fails under FSDP2 is reported as failing.
@@ -27,17 +29,18 @@ import torch
 
 import _common
 
-METHODS = ["adamw", "manic", "manic_recompute", "mechanic_pytorch", "prodigy", "dadapt_adam"]
+METHODS = ["adamw", "manic", "manic_recompute", "manic_delta", "mechanic_pytorch", "prodigy", "dadapt_adam"]
+STATE = {"manic": "ref+delta", "manic_recompute": "ref", "manic_delta": "delta"}  # manic's state= per method
 
 
 def build(method: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     lr = 1e-3
     if method == "adamw":
         return torch.optim.AdamW(params, lr=lr)
-    if method in ("manic", "manic_recompute"):
+    if method in STATE:
         import manic
 
-        return manic.mechanize(torch.optim.AdamW(params, lr=lr), store_delta=method == "manic")
+        return manic.mechanize(torch.optim.AdamW(params, lr=lr), state=STATE[method])
     if method == "mechanic_pytorch":
         from mechanic_pytorch import mechanize
 
@@ -85,6 +88,8 @@ def worker(method: str, n_params: float, steps: int, device: str, fsdp2: bool = 
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     opt = build(method, params)
+    before = (torch.cuda.max_memory_allocated() if device == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0)
     for _ in range(steps):
         opt.step()
     seen = {id(p) for p in params} | {id(p.grad) for p in params}
@@ -92,13 +97,14 @@ def worker(method: str, n_params: float, steps: int, device: str, fsdp2: bool = 
         state = sum(_local(t).numel() * _local(t).element_size() for st in opt.state.values() if isinstance(st, dict)
                     for t in st.values() if isinstance(t, torch.Tensor) and id(t) not in seen)
         return {"param_bytes": float(sum(_local(p).numel() * _local(p).element_size() for p in params)),
-                "state_bytes": float(state), "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0}
+                "state_bytes": float(state),
+                "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0 - before}
     state = tensor_bytes(dict(opt.state), seen) + tensor_bytes(
         [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups], seen)
     if device == "cuda":
-        peak = float(torch.cuda.max_memory_allocated())
+        peak = float(torch.cuda.max_memory_allocated()) - before
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0 - before
     return {"param_bytes": float(sum(p.numel() * p.element_size() for p in params)), "state_bytes": float(state),
             "peak_bytes": peak}
 
@@ -166,8 +172,9 @@ def main() -> None:
     base = rows["adamw"]
     pb = base["param_bytes"]
     lines = [f"Model: {pb / 1e6:.1f} MB of float32 parameters on {args.device}; {args.steps} steps; extra = "
-             "method minus plain AdamW (persistent: optimizer-state tensors; peak: high-water "
-             f"{'max_memory_allocated' if args.device == 'cuda' else 'RSS of a fresh process'}).", "",
+             "method minus plain AdamW (persistent: optimizer-state tensors; peak: how far the steps raise the "
+             f"high-water {'max_memory_allocated' if args.device == 'cuda' else 'RSS'} above its level before the "
+             "first step, in a fresh process).", "",
              "| method | persistent extra (MB) | x param bytes | peak extra (MB) | x param bytes |",
              "| --- | --- | --- | --- | --- |"]
     for method, r in rows.items():
