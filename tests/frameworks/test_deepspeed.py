@@ -51,7 +51,8 @@ S_INIT = 1e-6
 FRESH_SCALE = manic.Options().num_betas * S_INIT  # what the scale reads before the tuner's first step
 MODEL_NUMEL = 8 * 16 + 16 + 16 * 16 + 16 + 16 * 2 + 2   # the float32 MLP there: 450
 REL_TOL = 1e-5      # ZeRO-1/2/3 vs ZeRO-0: measured at most 4.4e-7 (float32 round-off of the partial sums)
-LAUNCH_TIMEOUT = 150
+# the first DeepSpeed process on a machine JIT-builds DeepSpeed's shared-memory op (1-3 min on 2 busy cores)
+LAUNCH_TIMEOUT = 420
 
 _LAUNCH_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
                 "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
