@@ -421,10 +421,7 @@ class TunerReadout:
         """Per param group, the learning rate the base update is applied with: ``S * lr`` (0-dim
         tensors on the device; a group with ``"mechanic": False`` keeps its ``lr``). The parameters
         also move by ``(S_new - S_old) * Delta`` when the scale changes (docs/behaviour.md)."""
-        S = self._engine.scale
-        return [per_group(S, i) * g["lr"] if g.get("mechanic", True)
-                else torch.as_tensor(g["lr"], dtype=S.dtype, device=S.device)
-                for i, g in enumerate(self._engine.optimizer.param_groups)]
+        return effective_lrs(self._engine.scale, self._engine.optimizer.param_groups)
 
     def stats(self) -> dict[str, Tensor]:
         """Tuner statistics for logging (0-dim tensors; reading them syncs, the step does not).
@@ -441,6 +438,14 @@ def _nan_stats(state: TunerState) -> dict[str, Tensor]:
 def per_group(S: Tensor, i: int) -> Tensor:
     """Group ``i``'s scale: ``S[i]`` with per_group=True, else the one scale ``S``."""
     return S[i] if S.dim() else S
+
+
+def effective_lrs(S: Tensor, groups: list[dict[str, Any]], lrs: list[float] | None = None) -> list[Tensor]:
+    """Per param group, ``S_i * lr`` (``lrs``, else each group's current ``lr``); a group with
+    ``"mechanic": False`` keeps its ``lr``."""
+    lrs = [g["lr"] for g in groups] if lrs is None else lrs
+    return [per_group(S, i) * lr if g.get("mechanic", True) else torch.as_tensor(lr, dtype=S.dtype, device=S.device)
+            for i, (lr, g) in enumerate(zip(lrs, groups))]
 
 
 def _by_group(layout: Layout) -> list[list[int]]:

@@ -102,6 +102,17 @@ def _split(xs: list[Tensor], refs: list[Tensor], others: list[Tensor]) -> tuple[
     return [t for t in triples if t[1].dtype == t[0].dtype], [t for t in triples if t[1].dtype != t[0].dtype]
 
 
+def _each(one: Callable, eager: Callable, xs: list[Tensor], ys: list[Tensor], zs: list[Tensor],
+          *args: object) -> None:
+    """``one`` per tensor triple, on flat 1-D views (a compiled ``one`` is then shared by every shape);
+    ``eager`` for a triple with a non-contiguous tensor, which has no such view."""
+    for x, y, z in zip(xs, ys, zs):
+        if x.is_contiguous() and y.is_contiguous() and z.is_contiguous():
+            one(x.view(-1), y.view(-1), z.view(-1), *args)
+        else:
+            eager(x, y, z, *args)
+
+
 def _rebase_one(x: Tensor, r: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor, ok: Tensor) -> None:
     keep = 1 - S_old * ok
     y = torch.where(ok, x - r, 0.0).to(d.dtype)
@@ -112,11 +123,7 @@ def _rebase_one(x: Tensor, r: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor, o
 
 def rebase_fusable(xs: list[Tensor], refs: list[Tensor], ds: list[Tensor], S_old: Tensor, S_new: Tensor,
                    ok: Tensor, one: Callable = _rebase_one) -> None:
-    for x, r, d in zip(xs, refs, ds):
-        if x.is_contiguous() and r.is_contiguous() and d.is_contiguous():
-            one(x.view(-1), r.view(-1), d.view(-1), S_old, S_new, ok)
-        else:
-            _rebase_one(x, r, d, S_old, S_new, ok)
+    _each(one, _rebase_one, xs, refs, ds, S_old, S_new, ok)
 
 
 def rebase_recompute_eager(xs: list[Tensor], refs: list[Tensor], diffs: list[Tensor], S_old: Tensor,
@@ -149,11 +156,7 @@ def _recompute_one(x: Tensor, r: Tensor, dd: Tensor, S_old: Tensor, S_new: Tenso
 
 def rebase_recompute_fusable(xs: list[Tensor], refs: list[Tensor], diffs: list[Tensor], S_old: Tensor,
                              S_new: Tensor, ok: Tensor, eps: Tensor | float, one: Callable = _recompute_one) -> None:
-    for x, r, dd in zip(xs, refs, diffs):
-        if x.is_contiguous() and r.is_contiguous() and dd.is_contiguous():
-            one(x.view(-1), r.view(-1), dd.view(-1), S_old, S_new, ok, eps)
-        else:
-            _recompute_one(x, r, dd, S_old, S_new, ok, eps)
+    _each(one, _recompute_one, xs, refs, diffs, S_old, S_new, ok, eps)
 
 
 def rebase_delta_eager(xs: list[Tensor], prevs: list[Tensor], ds: list[Tensor], S_old: Tensor, S_new: Tensor,
@@ -182,11 +185,7 @@ def _rebase_delta_one(x: Tensor, p: Tensor, d: Tensor, S_old: Tensor, S_new: Ten
 
 def rebase_delta_fusable(xs: list[Tensor], prevs: list[Tensor], ds: list[Tensor], S_old: Tensor, S_new: Tensor,
                          ok: Tensor, one: Callable = _rebase_delta_one) -> None:
-    for x, p, d in zip(xs, prevs, ds):
-        if x.is_contiguous() and p.is_contiguous() and d.is_contiguous():
-            one(x.view(-1), p.view(-1), d.view(-1), S_old, S_new, ok)
-        else:
-            _rebase_delta_one(x, p, d, S_old, S_new, ok)
+    _each(one, _rebase_delta_one, xs, prevs, ds, S_old, S_new, ok)
 
 
 class Kernels(NamedTuple):

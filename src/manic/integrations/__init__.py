@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..engine import TunerReadout, per_group
+from ..engine import TunerReadout, effective_lrs, per_group
 from ..optimizer import Mechanized
 from ..seed import Mechanic, Updater
 
@@ -101,10 +101,7 @@ def _tensors(mechanic: Mechanized | Mechanic, lrs: Sequence[float] | None = None
         if len(lrs) != len(groups):  # a group was added since: the current lrs
             effective = mechanic.effective_lr
         else:
-            # as TunerReadout.effective_lr: a group with "mechanic": False keeps its lr
-            effective = [per_group(S, i) * lr if g.get("mechanic", True)
-                         else torch.as_tensor(lr, dtype=S.dtype, device=S.device)
-                         for i, (lr, g) in enumerate(zip(lrs, groups))]
+            effective = effective_lrs(S, groups, list(lrs))
     out = {PREFIX + "scale": per_group(S, 0), PREFIX + "effective_lr": effective[0]}
     if S.dim():  # per_group=True: a scale per group
         out.update({f"{PREFIX}scale/{i}": s for i, s in enumerate(S.unbind())})
