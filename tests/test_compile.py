@@ -90,3 +90,54 @@ def test_compiled_kernels_split_small_and_large_tensors():
             outs.append(x2 + d2)
         for a, b in zip(*outs):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("state", ["ref+delta", "delta"])
+@pytest.mark.parametrize("per_group", [False, True])
+def test_compiled_sums_take_x_from_the_last_rebase(state, per_group, monkeypatch):
+    """compile=True: the fused rebase returns <x, Delta> and ||x||^2 of what it wrote, so the next step's
+    sums read only g and Delta; x is read again only where it changed since (autograd's version counter:
+    an in-place write, a load_state_dict). Counted by what the sums kernel is given, and checked against
+    the eager step (which always reads x) on the same float64 trajectory, in-place change included."""
+    from manic import kernels
+
+    monkeypatch.setattr(kernels, "SMALL", 0)  # (these tensors are small: compile them all)
+    X = torch.randn(32, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = X[:, :1].cos()
+    runs, read = [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
+        groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.05}]
+        opt = manic.mechanize(torch.optim.SGD(groups, lr=0.1, momentum=0.9), compile=compiled, state=state,
+                              per_group=per_group, weight_decay=0.1)
+        if compiled:
+            engine = opt._engine
+            sums = engine._kernels.partial_sums
+
+            def counting(gs, gds, negate, xs, xds, *rest):
+                read[-1].append(len(xs))
+                return sums(gs, gds, negate, xs, xds, *rest)
+
+            engine._kernels = engine._kernels._replace(partial_sums=counting)
+        scales = []
+        for step in range(8):
+            read.append([])
+            if step == 4:
+                with torch.no_grad():
+                    model[0].weight.mul_(1.01)  # a change between steps: x must be read again
+            if step == 6:
+                opt.load_state_dict(opt.state_dict())  # Mechanic's buffers replaced: read again
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(X), y).backward()
+            opt.step()
+            scales.append(opt.scale.clone())
+        runs.append((scales, [p.detach().clone() for p in model.parameters()]))
+    read = [sum(r) for r in read[8:]]  # the compiled run's steps: tensors whose x the sums read
+    assert read == [4, 0, 0, 0, 1, 0, 4, 0], read
+    (s_eager, p_eager), (s_comp, p_comp) = runs
+    for a, b in zip(s_comp, s_eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    for a, b in zip(p_comp, p_eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)

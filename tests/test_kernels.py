@@ -144,10 +144,21 @@ def test_partial_sums_negate_flips_only_g_dot_d(fn):
     neg = fn(gs, ds, [True] * len(gs), xs, ds, F64, CPU)
     assert neg[0].item() == pytest.approx(-plain[0].item(), rel=1e-14)
     assert torch.equal(neg[1:], plain[1:])
-    # one exact case (norms exact, as the eager form squares a norm): g = (3, 4), D = (1, 2), x = (0, 2),
+    # one exact case: g = (3, 4), D = (1, 2), x = (0, 2),
     # negated -> [<g,D>, <x,D>, |g|^2, |x|^2] = [-11, 4, 25, 4]
     g, d, x = (torch.tensor(v, dtype=F64) for v in ([3.0, 4.0], [1.0, 2.0], [0.0, 2.0]))
     assert fn([g], [d], [True], [x], [d], F64, CPU).tolist() == [-11.0, 4.0, 25.0, 4.0]
+
+
+def test_partial_sums_fusable_without_some_x():
+    """x's sums of a tensor left out of xs (the engine has them from the last rebase) are not computed:
+    its gradient still counts ([<g,D>, 0, ||g||^2, 0]), and a tensor in xs without a gradient adds
+    [0, <x,D>, 0, ||x||^2]. By hand: g1 = (3, 4), D1 = (1, 2), x1 left out; x2 = (0, 2), D2 = (1, 1), no g."""
+    g1, d1, x2, d2 = (torch.tensor(v, dtype=F64) for v in ([3.0, 4.0], [1.0, 2.0], [0.0, 2.0], [1.0, 1.0]))
+    out = kernels.partial_sums_fusable([g1], [d1], [False], [x2], [d2], F64, CPU)
+    assert out.tolist() == [11.0, 2.0, 25.0, 4.0]
+    out = kernels.partial_sums_fusable([g1], [d1], [True], [], [], F64, CPU)
+    assert out.tolist() == [-11.0, 0.0, 25.0, 0.0]
 
 
 def test_partial_sums_dots_in_tuner_dtype():
@@ -198,7 +209,8 @@ def run_rebase(fn, xs, refs, ds, S_old, S_new, ok):
     xs, refs, ds = [t.clone() for t in xs], [t.clone() for t in refs], [t.clone() for t in ds]
     ids_x, ids_d = [t.data_ptr() for t in xs], [t.data_ptr() for t in ds]
     refs_before = [t.clone() for t in refs]
-    assert fn(xs, refs, ds, S_old, S_new, ok) is None
+    out = fn(xs, refs, ds, S_old, S_new, ok)
+    assert out is None or out == [None] * len(xs)  # (the sums of what was written only when asked for)
     # in place: the same storage, dtypes kept; the references untouched
     assert [t.data_ptr() for t in xs] == ids_x and [t.data_ptr() for t in ds] == ids_d
     for a, b in zip(refs, refs_before):
@@ -226,6 +238,28 @@ def test_rebase(kind, ok):
     for i, s in enumerate(sp):
         within(outs["eager"][1][i], outs["fusable"][1][i], tol_d(s), sc_d[i], f"{kind} Delta[{i}] eager vs fusable")
         within(outs["eager"][0][i], outs["fusable"][0][i], tol_x(s), sc_x[i], f"{kind} x[{i}] eager vs fusable")
+
+
+@pytest.mark.parametrize("ok", [True, False], ids=["ok", "skipped"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_rebases_return_the_sums_of_what_they_wrote(kind, ok):
+    """With the sums asked for (as compile=True does), the state="ref+delta" and state="delta" rebases
+    return per tensor [0, <x, Delta>, 0, ||x||^2] of the x and Delta they wrote, x as rounded to the
+    parameter's dtype: the direct sums of the written tensors, to the sums' tolerance."""
+    sp, xs, refs, ds, S_old, S_new, okt = rebase_inputs(kind, 6, ok)
+    dtype = TUNER[kind]
+    for fn, one, third in ((kernels.rebase_fusable, kernels._rebase_one_sums, refs),
+                           (kernels.rebase_delta_fusable, kernels._rebase_delta_one_sums, xs)):
+        x_out, d_out = [t.clone() for t in xs], [t.clone() for t in ds]
+        if fn is kernels.rebase_delta_fusable:  # x_t: the step's copy before the base step
+            third = [(r.double() + S_old.double() * d.double()).to(s.x) for r, d, s in zip(refs, ds, sp)]
+        got = fn(x_out, [t.clone() for t in third], d_out, S_old, S_new, okt, one=one)
+        assert len(got) == len(xs)
+        for i, (w, x, d) in enumerate(zip(got, x_out, d_out)):
+            assert w.dtype == dtype and w.shape == (4,)
+            exp, scale = sums64([], [], [], [x], [d])
+            within(w, exp, sum_tol(dtype), scale, f"{kind}/{fn.__name__}[{i}]")
+            assert w[0].item() == 0.0 and w[2].item() == 0.0
 
 
 @pytest.mark.parametrize("fn", [kernels.rebase_eager, kernels.rebase_fusable])
@@ -281,7 +315,8 @@ def test_rebase_recompute(kind, ok):
     for name, fn in (("eager", kernels.rebase_recompute_eager), ("fusable", kernels.rebase_recompute_fusable)):
         x_out, r_in, dd_in = [t.clone() for t in xs], [t.clone() for t in refs], [t.clone() for t in diffs]
         ptrs = [t.data_ptr() for t in x_out]
-        assert fn(x_out, r_in, dd_in, S_old, S_new, okt, EPS) is None
+        out = fn(x_out, r_in, dd_in, S_old, S_new, okt, EPS)
+        assert out is None or out == [None] * len(x_out)
         assert [t.data_ptr() for t in x_out] == ptrs  # written in place
         for a, b in zip(r_in + dd_in, refs + diffs):  # references and diffs untouched
             assert torch.equal(a, b) and a.dtype == b.dtype

@@ -16,7 +16,6 @@ from torch import Tensor
 disable_dynamo: Callable[[Callable], Callable] = torch._disable_dynamo
 
 # Multi-tensor kernels: the same ones torch.optim's foreach implementations use.
-foreach_norm = torch._foreach_norm
 foreach_sub = torch._foreach_sub
 foreach_sub_ = torch._foreach_sub_
 

@@ -81,6 +81,9 @@ class Engine:
         self._plan: Plan | None = None
         self._last = _nan_stats(self.tuner)
         self._published: tuple = ()
+        # per slot index: [0, <x, Delta>, 0, ||x||^2] written by the last (fused) rebase, and the (version,
+        # address) of x and Delta then; the next step's sums use it while both are unchanged
+        self._written: dict[int, tuple[Tensor, tuple]] = {}
         optimizer._manic_engine = self  # type: ignore[attr-defined]
         self.publish()
 
@@ -222,19 +225,29 @@ class Engine:
             xs = [local(s.ref()) for s in slots]  # type: ignore[arg-type]
             diffs = foreach_sub(xs, [local(buffers[s.index][REF]) for s in slots])
             direction = {s.index: d for s, d in zip(slots, diffs)}
+        # the last rebase's sums are of the installed layout's tensors
+        written = self._written if layout is self.layout and buffers is self.buffers else {}
         if not self.hyper.per_group:
-            return self._sums(slots, direction, layout), diffs
-        return torch.stack([self._sums([slots[k] for k in ks], direction, layout) for ks in _by_group(layout)]), diffs
+            return self._sums(slots, direction, layout, written), diffs
+        return torch.stack([self._sums([slots[k] for k in ks], direction, layout, written)
+                            for ks in _by_group(layout)]), diffs
 
-    def _sums(self, slots: Any, direction: dict[int, Tensor], layout: Layout) -> Tensor:
-        """This rank's partial sums over ``slots`` (G_DOT_D, X_DOT_D, G_SQ, X_SQ)."""
-        gs, gds, negate, xs, xds = [], [], [], [], []
+    def _sums(self, slots: Any, direction: dict[int, Tensor], layout: Layout,
+              written: dict[int, tuple[Tensor, tuple]]) -> Tensor:
+        """This rank's partial sums over ``slots`` (G_DOT_D, X_DOT_D, G_SQ, X_SQ); x's part from ``written``
+        where x and Delta are as the last rebase left them."""
+        gs, gds, negate, xs, xds, known = [], [], [], [], [], []
         for s in slots:
             if not s.counted:
                 continue
             p = s.ref()
-            xs.append(local(p))
-            xds.append(direction[s.index])
+            x, d = local(p), direction[s.index]
+            last = written.get(s.index)
+            if last is not None and last[1] == _stamp(x, d):
+                known.append(last[0])
+            else:
+                xs.append(x)
+                xds.append(d)
             g = p.grad
             if g is None:
                 continue
@@ -242,9 +255,10 @@ class Engine:
                 raise RuntimeError("Mechanic does not support sparse gradients; use a dense gradient "
                                    "(e.g. nn.Embedding(sparse=False))")
             gs.append(local(g))
-            gds.append(direction[s.index])
+            gds.append(d)
             negate.append(s.negate)
-        return self._kernels.partial_sums(gs, gds, negate, xs, xds, layout.dtype, layout.device)
+        sums = self._kernels.partial_sums(gs, gds, negate, xs, xds, layout.dtype, layout.device)
+        return sums + torch.stack(known).sum(0) if known else sums
 
     def step_base(self, step: Callable[[], Any]) -> None:
         """Run the base step of the prepared plan, then commit it; if the base step raises,
@@ -285,15 +299,21 @@ class Engine:
             saved = [u.saved[k] for k in ks] if u.saved is not None else []
             if self.hyper.state == "delta":
                 ds = [local(b[DELTA]) for b in mine]
-                self._kernels.rebase_delta(xs, saved, ds, pick(u.S_old), pick(S_new), u.ok)
+                written = self._kernels.rebase_delta(xs, saved, ds, pick(u.S_old), pick(S_new), u.ok)
             elif self.hyper.state == "ref+delta":
                 refs, ds = [local(b[REF]) for b in mine], [local(b[DELTA]) for b in mine]
-                self._kernels.rebase(xs, refs, ds, pick(u.S_old), pick(S_new), u.ok)
+                written = self._kernels.rebase(xs, refs, ds, pick(u.S_old), pick(S_new), u.ok)
             else:
                 refs = [local(b[REF]) for b in mine]
                 self._kernels.rebase_recompute(xs, refs, saved, pick(u.S_old), pick(S_new), u.ok, pick(eps))
+                continue
+            for k, x, d, w in zip(ks, xs, ds, written or ()):
+                if w is not None:
+                    self._written[slots[k].index] = (w, _stamp(x, d))
 
     def _install(self, layout: Layout, buffers: dict[int, Buffers], state: TunerState) -> None:
+        if layout is not self.layout or buffers is not self.buffers:
+            self._written = {}
         self.layout, self.buffers = layout, buffers
         if state is not self.tuner:
             self.tuner = state
@@ -446,6 +466,12 @@ def effective_lrs(S: Tensor, groups: list[dict[str, Any]], lrs: list[float] | No
     lrs = [g["lr"] for g in groups] if lrs is None else lrs
     return [per_group(S, i) * lr if g.get("mechanic", True) else torch.as_tensor(lr, dtype=S.dtype, device=S.device)
             for i, (lr, g) in enumerate(zip(lrs, groups))]
+
+
+def _stamp(x: Tensor, d: Tensor) -> tuple:
+    """What changes when ``x`` or ``Delta`` is written in place (autograd's version counter) or replaced
+    (the address); a write through ``.data`` bypasses the counter and is seen one step late."""
+    return x._version, x.data_ptr(), d._version, d.data_ptr()
 
 
 def _by_group(layout: Layout) -> list[list[int]]:

@@ -4,7 +4,9 @@
 copy of x_t that state="delta" takes before the base step);
 ``compiled()`` is the same per-tensor code through ``torch.compile``, which fuses each function into a
 single pass over one tensor, shared by all tensors (opt in with ``compile=True``: the first step pays
-the compile).
+the compile). A fused rebase also returns, per tensor, ``[0, <x, Delta>, 0, ||x||^2]`` of the values it
+wrote, so that the next step's sums need to read only ``g`` and ``Delta`` (the engine checks that
+``x`` and ``Delta`` were not changed in between); the eager ones return None for each tensor.
 All tensors here are local shards; the 0-dim tensors live on the same device.
 """
 
@@ -16,13 +18,20 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .compat import foreach_norm, foreach_sub_
+from .compat import foreach_sub_
 
 
 def _dot(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     """<a, b> accumulated in the wider of the inputs' dtypes and ``dtype`` (the tuner's)."""
     wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), dtype)
     return torch.dot(a.reshape(-1).to(wide), b.reshape(-1).to(wide))
+
+
+def _sq(a: Tensor, dtype: torch.dtype) -> Tensor:
+    """||a||^2 as a dot product (one read of ``a``; on CPU about twice as fast as torch's norm kernel, and
+    it does not round a square root that is then squared)."""
+    a = a.reshape(-1).to(torch.promote_types(a.dtype, dtype))
+    return torch.dot(a, a)
 
 
 def partial_sums_eager(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: list[Tensor],
@@ -35,8 +44,8 @@ def partial_sums_eager(gs: list[Tensor], gds: list[Tensor], negate: list[bool], 
 
     g_dot_d = [-_dot(g, d, dtype) if neg else _dot(g, d, dtype) for g, d, neg in zip(gs, gds, negate)]
     x_dot_d = [_dot(x, d, dtype) for x, d in zip(xs, xds)]
-    g_sq = [n * n for n in foreach_norm(gs, 2, dtype=dtype)] if gs else []
-    x_sq = [n * n for n in foreach_norm(xs, 2, dtype=dtype)] if xs else []
+    g_sq = [_sq(g, dtype) for g in gs]
+    x_sq = [_sq(x, dtype) for x in xs]
     return torch.stack([total(g_dot_d), total(x_dot_d), total(g_sq), total(x_sq)])
 
 
@@ -53,24 +62,35 @@ def _sums_x(x: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.stack([zero, (x * d).sum(), zero, (x * x).sum()])
 
 
+def _sums_g(g: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
+    """[<g, d>, 0, ||g||^2, 0] of one tensor whose x-sums are known from the last rebase."""
+    g, d = g.to(dtype), d.to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=g.device)
+    return torch.stack([(g * d).sum(), zero, (g * g).sum(), zero])
+
+
 def _flat(t: Tensor) -> Tensor:
     return t.view(-1) if t.is_contiguous() else t
 
 
 def partial_sums_fusable(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: list[Tensor],
                          xds: list[Tensor], dtype: torch.dtype, device: torch.device,
-                         one: Callable = _sums_gx, xonly: Callable = _sums_x) -> Tensor:
-    """The same sums, one tensor at a time through ``one`` / ``xonly`` (compiled: one kernel each,
-    shared by every tensor through dynamic shapes; see ``compiled``)."""
-    grad = {id(d): (g, neg) for g, d, neg in zip(gs, gds, negate)}  # a tensor's direction is its own
-    parts = []
-    for x, d in zip(xs, xds):
-        if id(d) in grad:
-            g, neg = grad[id(d)]
-            part = one(_flat(g), _flat(d), _flat(x), dtype)
-            parts.append(part * torch.tensor([-1.0, 1.0, 1.0, 1.0], dtype=dtype, device=device) if neg else part)
+                         one: Callable = _sums_gx, xonly: Callable = _sums_x, gonly: Callable = _sums_g) -> Tensor:
+    """The same sums, one tensor at a time through ``one`` (g and x of a tensor in one pass), ``xonly``
+    (no gradient) or ``gonly`` (x not asked for); compiled: one kernel each, shared by every tensor
+    through dynamic shapes (see ``compiled``)."""
+    at = {id(d): i for i, d in enumerate(xds)}  # a tensor's direction is its own
+    flip = torch.tensor([-1.0, 1.0, 1.0, 1.0], dtype=dtype, device=device)
+    parts, paired = [], set()
+    for g, d, neg in zip(gs, gds, negate):
+        i = at.get(id(d))
+        if i is None:
+            part = gonly(_flat(g), _flat(d), dtype)
         else:
-            parts.append(xonly(_flat(x), _flat(d), dtype))
+            paired.add(i)
+            part = one(_flat(g), _flat(d), _flat(xs[i]), dtype)
+        parts.append(part * flip if neg else part)
+    parts += [xonly(_flat(x), _flat(d), dtype) for i, (x, d) in enumerate(zip(xs, xds)) if i not in paired]
     if not parts:
         return torch.zeros(4, dtype=dtype, device=device)
     return torch.stack(parts).sum(0)
@@ -103,27 +123,43 @@ def _split(xs: list[Tensor], refs: list[Tensor], others: list[Tensor]) -> tuple[
 
 
 def _each(one: Callable, eager: Callable, xs: list[Tensor], ys: list[Tensor], zs: list[Tensor],
-          *args: object) -> None:
+          *args: object) -> list[Tensor | None]:
     """``one`` per tensor triple, on flat 1-D views (a compiled ``one`` is then shared by every shape);
-    ``eager`` for a triple with a non-contiguous tensor, which has no such view."""
+    ``eager`` for a triple with a non-contiguous tensor, which has no such view. Returns their results."""
+    out = []
     for x, y, z in zip(xs, ys, zs):
         if x.is_contiguous() and y.is_contiguous() and z.is_contiguous():
-            one(x.view(-1), y.view(-1), z.view(-1), *args)
+            out.append(one(x.view(-1), y.view(-1), z.view(-1), *args))
         else:
-            eager(x, y, z, *args)
+            out.append(eager(x, y, z, *args))
+    return out
 
 
-def _rebase_one(x: Tensor, r: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor, ok: Tensor) -> None:
+def _written(x: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
+    """[0, <x, d>, 0, ||x||^2] of the values a rebase wrote (x already rounded to the parameter's dtype)."""
+    x, d = x.to(dtype), d.to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    return torch.stack([zero, (x * d).sum(), zero, (x * x).sum()])
+
+
+def _rebase_one(x: Tensor, r: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor, ok: Tensor,
+                sums: bool = False) -> Tensor | None:
     keep = 1 - S_old * ok
     y = torch.where(ok, x - r, 0.0).to(d.dtype)
     d_new = y + d * keep
+    x_new = (r + S_new * d_new).to(x.dtype)
     d.copy_(d_new)
-    x.copy_(r + S_new * d_new)
+    x.copy_(x_new)
+    return _written(x_new, d_new, S_new.dtype) if sums else None
+
+
+def _rebase_one_sums(x: Tensor, r: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor, ok: Tensor) -> Tensor | None:
+    return _rebase_one(x, r, d, S_old, S_new, ok, sums=True)
 
 
 def rebase_fusable(xs: list[Tensor], refs: list[Tensor], ds: list[Tensor], S_old: Tensor, S_new: Tensor,
-                   ok: Tensor, one: Callable = _rebase_one) -> None:
-    _each(one, _rebase_one, xs, refs, ds, S_old, S_new, ok)
+                   ok: Tensor, one: Callable = _rebase_one) -> list[Tensor | None]:
+    return _each(one, _rebase_one, xs, refs, ds, S_old, S_new, ok)
 
 
 def rebase_recompute_eager(xs: list[Tensor], refs: list[Tensor], diffs: list[Tensor], S_old: Tensor,
@@ -155,8 +191,8 @@ def _recompute_one(x: Tensor, r: Tensor, dd: Tensor, S_old: Tensor, S_new: Tenso
 
 
 def rebase_recompute_fusable(xs: list[Tensor], refs: list[Tensor], diffs: list[Tensor], S_old: Tensor,
-                             S_new: Tensor, ok: Tensor, eps: Tensor | float, one: Callable = _recompute_one) -> None:
-    _each(one, _recompute_one, xs, refs, diffs, S_old, S_new, ok, eps)
+                             S_new: Tensor, ok: Tensor, eps: Tensor | float, one: Callable = _recompute_one) -> list[None]:
+    return _each(one, _recompute_one, xs, refs, diffs, S_old, S_new, ok, eps)
 
 
 def rebase_delta_eager(xs: list[Tensor], prevs: list[Tensor], ds: list[Tensor], S_old: Tensor, S_new: Tensor,
@@ -176,16 +212,24 @@ def rebase_delta_eager(xs: list[Tensor], prevs: list[Tensor], ds: list[Tensor], 
         _rebase_delta_one(x, p, d, S_old, S_new, ok)
 
 
-def _rebase_delta_one(x: Tensor, p: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor, ok: Tensor) -> None:
+def _rebase_delta_one(x: Tensor, p: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor, ok: Tensor,
+                      sums: bool = False) -> Tensor | None:
     u = torch.where(ok, x.to(d.dtype) - p.to(d.dtype), 0.0)
     d_new = d + u
+    x_new = (p.to(d.dtype) + (S_old * u + (S_new - S_old) * d_new)).to(x.dtype)
     d.copy_(d_new)
-    x.copy_(p.to(d.dtype) + (S_old * u + (S_new - S_old) * d_new))
+    x.copy_(x_new)
+    return _written(x_new, d_new, S_new.dtype) if sums else None
+
+
+def _rebase_delta_one_sums(x: Tensor, p: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor,
+                           ok: Tensor) -> Tensor | None:
+    return _rebase_delta_one(x, p, d, S_old, S_new, ok, sums=True)
 
 
 def rebase_delta_fusable(xs: list[Tensor], prevs: list[Tensor], ds: list[Tensor], S_old: Tensor, S_new: Tensor,
-                         ok: Tensor, one: Callable = _rebase_delta_one) -> None:
-    _each(one, _rebase_delta_one, xs, prevs, ds, S_old, S_new, ok)
+                         ok: Tensor, one: Callable = _rebase_delta_one) -> list[Tensor | None]:
+    return _each(one, _rebase_delta_one, xs, prevs, ds, S_old, S_new, ok)
 
 
 class Kernels(NamedTuple):
@@ -205,13 +249,18 @@ SMALL = 1 << 17
 
 
 def _split_small(fused: Callable, eager: Callable) -> Callable:
-    """A rebase that sends tensors of fewer than SMALL elements to ``eager`` and the others to ``fused``."""
-    def run(xs: list[Tensor], refs: list[Tensor], others: list[Tensor], *args: object) -> None:
+    """A rebase that sends tensors of fewer than SMALL elements to ``eager`` and the others to ``fused``;
+    returns, per tensor, what ``fused`` returned for it (None for the eager ones)."""
+    def run(xs: list[Tensor], refs: list[Tensor], others: list[Tensor], *args: object) -> list[Tensor | None]:
+        out: list[Tensor | None] = [None] * len(xs)
         small = [x.numel() < SMALL for x in xs]
         for fn, want in ((eager, True), (fused, False)):
             picked = [i for i, sm in enumerate(small) if sm == want]
             if picked:
-                fn([xs[i] for i in picked], [refs[i] for i in picked], [others[i] for i in picked], *args)
+                got = fn([xs[i] for i in picked], [refs[i] for i in picked], [others[i] for i in picked], *args)
+                for i, r in zip(picked, got or [None] * len(picked)):
+                    out[i] = r
+        return out
     return run
 
 
@@ -239,9 +288,9 @@ def compiled() -> Kernels:
         def fuse(fn: Callable) -> Callable:
             return torch.compile(fn, fullgraph=True, dynamic=True)
 
-        sums_gx, sums_x, rebase_one, recompute_one, delta_one = map(
-            fuse, (_sums_gx, _sums_x, _rebase_one, _recompute_one, _rebase_delta_one))
-        _compiled = Kernels(_split_small_sums(partial(partial_sums_fusable, one=sums_gx, xonly=sums_x)),
+        sums_gx, sums_x, sums_g, rebase_one, recompute_one, delta_one = map(
+            fuse, (_sums_gx, _sums_x, _sums_g, _rebase_one_sums, _recompute_one, _rebase_delta_one_sums))
+        _compiled = Kernels(_split_small_sums(partial(partial_sums_fusable, one=sums_gx, xonly=sums_x, gonly=sums_g)),
                             _split_small(partial(rebase_fusable, one=rebase_one), rebase_eager),
                             _split_small(partial(rebase_recompute_fusable, one=recompute_one), rebase_recompute_eager),
                             _split_small(partial(rebase_delta_fusable, one=delta_one), rebase_delta_eager))
