@@ -181,6 +181,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="one small model, few steps (smoke test)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--large", type=float, default=None,
+                        help="also a model of this many parameters over fused AdamW only, --large-repeats steps "
+                             "(1e8 needs ~6 GB), as a second table in the same file")
+    parser.add_argument("--large-repeats", type=int, default=10)
     parser.add_argument("--compile-time", action="store_true", help="only the first compile=True step's time")
     parser.add_argument("--tensors", type=int, default=128, help="tensors of the --compile-time model")
     parser.add_argument("--_first-step", type=int, help=argparse.SUPPRESS)
@@ -198,7 +202,13 @@ def main() -> None:
         rows += measure(n, args.bases, args.repeats, warmup=2 if args.quick else 5, device=args.device)
     env = _common.env_line("python benchmarks/step_overhead.py " + " ".join(sys.argv[1:]),
                            f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved steps")
-    text = table(rows) + "\n\n" + env
+    text = table(rows)
+    if args.large:
+        big = measure(args.large, ["adamw_fused"], args.large_repeats, warmup=2, device=args.device)
+        text += (f"\n\n{args.large / 1e6:g}M parameters (fused AdamW base only, to fit in memory; median of "
+                 f"{args.large_repeats} interleaved steps):\n\n" + table(big))
+        rows += big
+    text += "\n\n" + env
     print(text)
     md = _common.save(args.out, "step_overhead", args.quick, text)
     with open(md.with_suffix(".csv"), "w") as f:

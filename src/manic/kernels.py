@@ -54,24 +54,35 @@ def partial_sums_eager(gs: list[Tensor], gds: list[Tensor], negate: list[bool], 
                         total([dot(x, x) for x in xs])])
 
 
+_ROW = 4096
+
+
+def _total(t: Tensor) -> Tensor:
+    """The sum of a tensor's elements, in rows of 4096 and then over the rows: compiled, this
+    parallelises and vectorises better than one reduction over a dynamic length (about 25% faster on CPU)."""
+    t = t.reshape(-1)
+    k = t.shape[0] // _ROW * _ROW
+    return t[:k].view(-1, _ROW).sum(1).sum() + t[k:].sum()
+
+
 def _sums_gx(g: Tensor, d: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
     """[<g, d>, <x, d>, ||g||^2, ||x||^2] of one tensor (one fused pass when compiled)."""
     g, d, x = g.to(dtype), d.to(dtype), x.to(dtype)
-    return torch.stack([(g * d).sum(), (x * d).sum(), (g * g).sum(), (x * x).sum()])
+    return torch.stack([_total(g * d), _total(x * d), _total(g * g), _total(x * x)])
 
 
 def _sums_x(x: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
     """[0, <x, d>, 0, ||x||^2] of one tensor without a gradient."""
     x, d = x.to(dtype), d.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=x.device)
-    return torch.stack([zero, (x * d).sum(), zero, (x * x).sum()])
+    return torch.stack([zero, _total(x * d), zero, _total(x * x)])
 
 
 def _sums_g(g: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
     """[<g, d>, 0, ||g||^2, 0] of one tensor whose x-sums are known from the last rebase."""
     g, d = g.to(dtype), d.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=g.device)
-    return torch.stack([(g * d).sum(), zero, (g * g).sum(), zero])
+    return torch.stack([_total(g * d), zero, _total(g * g), zero])
 
 
 def _flat(t: Tensor) -> Tensor:
