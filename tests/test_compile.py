@@ -141,3 +141,24 @@ def test_compiled_sums_take_x_from_the_last_rebase(state, per_group, monkeypatch
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
     for a, b in zip(p_comp, p_eager):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.timeout(600)
+def test_compiled_sums_at_lengths_around_the_row(monkeypatch):
+    """The compiled sums reduce tensors of 4096 elements or more in rows (kernels._total_rows) and
+    shorter ones in one reduction; at lengths on both sides of the row and not a multiple of it,
+    in either order, every entry is the float64 dot product."""
+    from manic import kernels
+
+    monkeypatch.setattr(kernels, "SMALL", 0)
+    gen = torch.Generator().manual_seed(3)
+    fused, cpu, f64 = kernels.compiled(), torch.device("cpu"), torch.float64
+    for n in (5000, 2, 4095, 4096, 4097, 3 * 4096 + 1):
+        g, d, x = (torch.randn(n, dtype=f64, generator=gen) for _ in range(3))
+        exact = torch.stack([g @ d, x @ d, g @ g, x @ x])
+        torch.testing.assert_close(fused.partial_sums([g], [d], [False], [x], [d], f64, cpu), exact,
+                                   rtol=1e-12, atol=1e-12)
+        no_x = exact * torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=f64)
+        torch.testing.assert_close(fused.partial_sums([g], [d], [False], [], [], f64, cpu), no_x, rtol=1e-12, atol=1e-12)
+        no_g = exact * torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=f64)
+        torch.testing.assert_close(fused.partial_sums([], [], [], [x], [d], f64, cpu), no_g, rtol=1e-12, atol=1e-12)
