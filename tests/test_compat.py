@@ -163,3 +163,12 @@ def test_mechanized_uses_these_and_only_these():
             if re.search(r"torch\._[a-z]|\._fsdp|_get_root_mesh|_StridedShard|_optimizer_step_|_opt_called", code):
                 offenders.append(f"{path.name}:{n}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_dispatch_mode_active():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    assert not compat.dispatch_mode_active()
+    with FlopCounterMode(display=False):
+        assert compat.dispatch_mode_active()
+    assert not compat.dispatch_mode_active()

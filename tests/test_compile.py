@@ -162,3 +162,34 @@ def test_compiled_sums_at_lengths_around_the_row(monkeypatch):
         torch.testing.assert_close(fused.partial_sums([g], [d], [False], [], [], f64, cpu), no_x, rtol=1e-12, atol=1e-12)
         no_g = exact * torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=f64)
         torch.testing.assert_close(fused.partial_sums([], [], [], [x], [d], f64, cpu), no_g, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.timeout(600)
+def test_compiled_step_under_a_dispatch_mode_runs_eagerly(monkeypatch):
+    """Compiled code refuses to run under a TorchDispatchMode (FlopCounterMode, a profiler's op counter);
+    compile=True then steps on the eager kernels, on the same trajectory, and goes back to the compiled
+    ones after it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from manic import kernels
+
+    monkeypatch.setattr(kernels, "SMALL", 0)
+    X = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2).double()
+        opt = manic.mechanize(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), compile=compiled)
+        for step in range(6):
+            opt.zero_grad()
+            model(X).square().mean().backward()
+            if step in (2, 3):
+                with FlopCounterMode(display=False):
+                    opt.step()
+            else:
+                opt.step()
+        runs.append((opt.scale.clone(), [p.detach().clone() for p in model.parameters()]))
+    (s_eager, p_eager), (s_comp, p_comp) = runs
+    torch.testing.assert_close(s_comp, s_eager, rtol=1e-12, atol=0)
+    for a, b in zip(p_comp, p_eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)

@@ -32,6 +32,14 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def dispatch_mode_active() -> bool:
+    """A TorchDispatchMode is on (FlopCounterMode, a test's op counter): torch.compile'd code refuses to
+    run under one, so compile=True steps on the eager kernels then."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None
+
+
 def is_fsdp1_flat(p: Tensor) -> bool:
     """FSDP1's flat parameters and, with use_orig_params=True, the original parameters viewing
     them: FSDP1 marks both with the private flag ``_fsdp_flattened``."""

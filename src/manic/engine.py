@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import kernels, tuner
-from .compat import foreach_sub, is_dtensor, local
+from .compat import dispatch_mode_active, foreach_sub, is_dtensor, local
 from .layout import Buffers, Layout, bind, carry
 from .options import Options
 from .reduce import NoReduce, check_config
@@ -257,8 +257,12 @@ class Engine:
             gs.append(local(g))
             gds.append(d)
             negate.append(s.negate)
-        sums = self._kernels.partial_sums(gs, gds, negate, xs, xds, layout.dtype, layout.device)
+        sums = self._current_kernels().partial_sums(gs, gds, negate, xs, xds, layout.dtype, layout.device)
         return sums + torch.stack(known).sum(0) if known else sums
+
+    def _current_kernels(self) -> kernels.Kernels:
+        """compile=True's kernels, or the eager ones under a TorchDispatchMode (where compiled code cannot run)."""
+        return kernels.EAGER if self.options.compile and dispatch_mode_active() else self._kernels
 
     def step_base(self, step: Callable[[], Any]) -> None:
         """Run the base step of the prepared plan, then commit it; if the base step raises,
@@ -288,7 +292,7 @@ class Engine:
         if u.skip_base:
             return
         S_new, eps = u.tuner.scale, self.hyper.eps / u.tuner.lr_ref
-        slots = plan.layout.slots
+        slots, fns = plan.layout.slots, self._current_kernels()
         groups = _by_group(plan.layout) if self.hyper.per_group else [range(len(slots))]
         for g, ks in enumerate(groups):
             if not ks:
@@ -299,13 +303,13 @@ class Engine:
             saved = [u.saved[k] for k in ks] if u.saved is not None else []
             if self.hyper.state == "delta":
                 ds = [local(b[DELTA]) for b in mine]
-                written = self._kernels.rebase_delta(xs, saved, ds, pick(u.S_old), pick(S_new), u.ok)
+                written = fns.rebase_delta(xs, saved, ds, pick(u.S_old), pick(S_new), u.ok)
             elif self.hyper.state == "ref+delta":
                 refs, ds = [local(b[REF]) for b in mine], [local(b[DELTA]) for b in mine]
-                written = self._kernels.rebase(xs, refs, ds, pick(u.S_old), pick(S_new), u.ok)
+                written = fns.rebase(xs, refs, ds, pick(u.S_old), pick(S_new), u.ok)
             else:
                 refs = [local(b[REF]) for b in mine]
-                self._kernels.rebase_recompute(xs, refs, saved, pick(u.S_old), pick(S_new), u.ok, pick(eps))
+                fns.rebase_recompute(xs, refs, saved, pick(u.S_old), pick(S_new), u.ok, pick(eps))
                 continue
             for k, x, d, w in zip(ks, xs, ds, written or ()):
                 if w is not None:

@@ -24,6 +24,15 @@ def test_two_ranks_match_single_process():
 
 
 @pytest.mark.timeout(300)
+def test_two_ranks_compiled():
+    """compile=True under FSDP2 (state "ref+delta" and "delta") and TP matches the single-process
+    compile=True run, with one collective and no host sync per step (scenarios.check_form)."""
+    results = harness.run(2, scenarios.compiled_forms, timeout=260)
+    for form, r in results[0].items():
+        assert r["params_rel"] <= 1e-10 and r["scale_rel"] <= 1e-10, form
+
+
+@pytest.mark.timeout(300)
 def test_four_ranks_fsdp2_hsdp_and_2d():
     results = harness.run(4, scenarios.four_rank_forms, timeout=260)
     for r in results:
