@@ -177,11 +177,11 @@ def ddp(rank: int, world: int, **options: Any) -> dict:
     return check_form("ddp", model, 0, unwrapped=model.module, **options)[0]
 
 
-def fsdp1(rank: int, world: int, use_orig_params: bool) -> dict:
+def fsdp1(rank: int, world: int, use_orig_params: bool, **options: Any) -> dict:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     model = FSDP(make_net(), use_orig_params=use_orig_params, device_id=torch.device("cpu"))
-    opt = manic.mechanize(base(model.parameters()))
+    opt = manic.mechanize(base(model.parameters()), **options)
     counts: list = []
     scales = train(model, opt, STEPS, counts=counts)
     check_counts(f"fsdp1 orig={use_orig_params}", counts, 1)
@@ -189,18 +189,18 @@ def fsdp1(rank: int, world: int, use_orig_params: bool) -> dict:
     with FSDP.summon_full_params(model):
         params = [model.module.get_parameter(n).detach().clone() if use_orig_params else
                   _attr(model.module, n).detach().clone() for n in names]
-    ref_params, ref_scales = baseline()
+    ref_params, ref_scales = baseline(**options)
     worst = max(rel(a, b) for a, b in zip(params, ref_params))
     worst_s = max(abs(a - b) / b for a, b in zip(scales, ref_scales))
     assert worst <= 1e-10 and worst_s <= 1e-10, f"fsdp1: params {worst:.2e} scale {worst_s:.2e}"
     gathered = [None] * world
     dist.all_gather_object(gathered, scales)
     assert all(g == gathered[0] for g in gathered)
-    fsdp1_round_trip(model, opt, use_orig_params)
+    fsdp1_round_trip(model, opt, use_orig_params, **options)
     return {"params_rel": worst, "scale_rel": worst_s}
 
 
-def fsdp1_round_trip(model: nn.Module, opt: torch.optim.Optimizer, use_orig_params: bool) -> None:
+def fsdp1_round_trip(model: nn.Module, opt: torch.optim.Optimizer, use_orig_params: bool, **options: Any) -> None:
     """get/set_optimizer_state_dict under FSDP1 into fresh objects continues bitwise."""
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
@@ -213,7 +213,7 @@ def fsdp1_round_trip(model: nn.Module, opt: torch.optim.Optimizer, use_orig_para
            "param_groups": [dict(g) for g in osd["param_groups"]]}
     assert all("mechanic_delta" in v for v in osd["state"].values())
     model2 = FSDP(make_net(1), use_orig_params=use_orig_params, device_id=torch.device("cpu"))
-    opt2 = manic.mechanize(base(model2.parameters()))
+    opt2 = manic.mechanize(base(model2.parameters()), **options)
     set_model_state_dict(model2, msd)
     set_optimizer_state_dict(model2, opt2, osd)
     a, b = train(model, opt, 5), train(model2, opt2, 5)
@@ -312,7 +312,7 @@ def pipeline(rank: int, world: int, **options: Any) -> dict:
 
 def two_rank_forms(rank: int, world: int) -> dict:
     """Every form in the default (invariant) form; DDP, FSDP2, TP and the pipeline in the original
-    form too (in the same process group); DDP, FSDP2 and TP with state="delta" (one buffer)."""
+    form too (in the same process group); DDP, FSDP1, FSDP2 and TP with state="delta" (one buffer)."""
     return {"ddp": ddp(rank, world), "fsdp1": fsdp1(rank, world, False), "fsdp1_orig": fsdp1(rank, world, True),
             "fsdp2": fsdp2(rank, world), "tp": tp(rank, world), "pipeline": pipeline(rank, world),
             "ddp_original": ddp(rank, world, **ORIGINAL), "fsdp2_original": fsdp2(rank, world, **ORIGINAL),
@@ -320,7 +320,8 @@ def two_rank_forms(rank: int, world: int) -> dict:
             "ddp_per_group": ddp(rank, world, per_group=True), "tp_per_group": tp(rank, world, per_group=True),
             "fsdp2_per_group_original": fsdp2(rank, world, per_group=True, **ORIGINAL),
             "ddp_delta": ddp(rank, world, state="delta"), "fsdp2_delta": fsdp2(rank, world, state="delta"),
-            "tp_delta": tp(rank, world, state="delta")}
+            "tp_delta": tp(rank, world, state="delta"), "fsdp1_delta": fsdp1(rank, world, False, state="delta"),
+            "fsdp1_orig_delta": fsdp1(rank, world, True, state="delta")}
 
 
 def four_rank_forms(rank: int, world: int) -> dict:
@@ -489,22 +490,34 @@ def dcp_save(rank: int, world: int, path: str, before: int, after: int) -> dict:
     # the original form's DSD round trip continues bitwise as well
     _dsd_round_trip(before, after, **ORIGINAL)
 
-    # per_group=True (two groups, a tuner each): saved as well, for the resharded resume
-    model4, opt4 = _sharded_run(per_group=True)
-    train(model4, opt4, before)
-    dcp.save({"model": get_model_state_dict(model4), "optim": get_optimizer_state_dict(model4, opt4)},
-             checkpoint_id=path + "_per_group")
-    return {**_final(model, scales), "per_group": _final(model4, train(model4, opt4, after))}
+    # state="delta" (one buffer): its DSD round trip continues bitwise too
+    _dsd_round_trip(before, after, state="delta")
+
+    # per_group=True (two groups, a tuner each) and state="delta": saved as well, for the resharded resume
+    out = _final(model, scales)
+    for name, options in SAVED_VARIANTS.items():
+        model4, opt4 = _sharded_run(**options)
+        train(model4, opt4, before)
+        dcp.save({"model": get_model_state_dict(model4), "optim": get_optimizer_state_dict(model4, opt4)},
+                 checkpoint_id=f"{path}_{name}")
+        out[name] = _final(model4, train(model4, opt4, after))
+    return out
+
+
+SAVED_VARIANTS = {"per_group": {"per_group": True}, "delta": {"state": "delta"}}
 
 
 def dcp_resume(rank: int, world: int, path: str, after: int) -> dict:
     model, opt = _sharded_run()
     _load(model, opt, path)
     check_lr_ref("dcp resharded", opt)  # restored, not taken afresh
-    model2, opt2 = _sharded_run(per_group=True)
-    _load(model2, opt2, path + "_per_group")
-    check_lr_ref("dcp resharded, per_group", opt2)
-    return {**_final(model, train(model, opt, after)), "per_group": _final(model2, train(model2, opt2, after))}
+    out = _final(model, train(model, opt, after))
+    for name, options in SAVED_VARIANTS.items():
+        model2, opt2 = _sharded_run(**options)
+        _load(model2, opt2, f"{path}_{name}")
+        check_lr_ref(f"dcp resharded, {name}", opt2)
+        out[name] = _final(model2, train(model2, opt2, after))
+    return out
 
 
 def fsdp_tp(rank: int, world: int) -> dict:

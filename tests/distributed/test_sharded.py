@@ -13,11 +13,13 @@ import scenarios
 @pytest.mark.timeout(240)
 def test_two_ranks_match_single_process():
     """Every form in the default (invariant) form, DDP, FSDP2, TP and the pipeline in the original, DDP,
-    TP and FSDP2 (original form) with per_group=True: two param groups, one tuner each, and DDP, FSDP2
-    and TP with state="delta" (one buffer, a transient copy of the local shards)."""
+    TP and FSDP2 (original form) with per_group=True: two param groups, one tuner each, and DDP, FSDP1
+    (both flat-parameter modes, with its bitwise state-dict round trip), FSDP2 and TP with state="delta"
+    (one buffer, a transient copy of the local shards)."""
     results = harness.run(2, scenarios.two_rank_forms, timeout=200)
     assert {"ddp_original", "fsdp2_original", "tp_original", "pipeline_original", "ddp_per_group", "tp_per_group",
-            "fsdp2_per_group_original", "ddp_delta", "fsdp2_delta", "tp_delta"} <= set(results[0])
+            "fsdp2_per_group_original", "ddp_delta", "fsdp2_delta", "tp_delta", "fsdp1_delta",
+            "fsdp1_orig_delta"} <= set(results[0])
     for form, r in results[0].items():
         tol = 1e-9 if "per_group" in form else 1e-10  # (scenarios.check_form)
         assert r["params_rel"] <= tol and r["scale_rel"] <= tol, form
@@ -82,11 +84,12 @@ def saved(tmp_path_factory):
 @pytest.mark.parametrize("world", [1, 4])
 def test_dcp_resharded_resume(saved, world):
     """Saved on 2 ranks, loaded on 1 and 4: continues like the uninterrupted run (float64, 1e-9), with
-    one tuner and with per_group=True."""
+    one tuner, with per_group=True and with state="delta"."""
     path, uninterrupted = saved
     results = harness.run(world, scenarios.dcp_resume, path, 12, timeout=200)
     for r in results:
-        for got, want in ((r, uninterrupted), (r["per_group"], uninterrupted["per_group"])):
+        for got, want in ((r, uninterrupted), (r["per_group"], uninterrupted["per_group"]),
+                          (r["delta"], uninterrupted["delta"])):
             for a, b in zip(got["params"], want["params"]):
                 assert scenarios.rel(a, b) <= 1e-9
             for a, b in zip(got["scales"], want["scales"]):
