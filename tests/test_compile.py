@@ -193,3 +193,28 @@ def test_compiled_step_under_a_dispatch_mode_runs_eagerly(monkeypatch):
     torch.testing.assert_close(s_comp, s_eager, rtol=1e-12, atol=0)
     for a, b in zip(p_comp, p_eager):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_param_norm_is_of_the_parameters_the_step_starts_from(dtype, monkeypatch):
+    """stats()["param_norm"] comes from the step's ||x||^2: with compile=True, from the last rebase where
+    x is unchanged since (float32), read afresh for 16-bit parameters (whose compiled rebase keeps the
+    value before its rounding to bf16). Either way it is the norm of the x the step started from. A
+    non-contiguous parameter of 8192 rows (no flat view) takes the eager sums."""
+    from manic import kernels
+
+    monkeypatch.setattr(kernels, "SMALL", 0)
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(64, 128, generator=gen).to(dtype)),
+              torch.nn.Parameter(torch.randn(32, 8192, generator=gen).to(dtype).t())]
+    opt = manic.mechanize(torch.optim.SGD(params, lr=0.1), compile=True, s_init=0.1)
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+        start = sum(p.detach().double().square().sum() for p in params)
+        opt.step()
+        assert opt.stats()["param_norm"].double().square().item() == pytest.approx(start.item(), rel=1e-5)
+    assert opt.scale.item() != 0.1  # the scale moved, so x was rebased with it
+    # what the next step takes from the rebase: the contiguous float32 parameter's sums only
+    assert len(opt._engine._written) == (1 if dtype == torch.float32 else 0)

@@ -244,8 +244,9 @@ def test_rebase(kind, ok):
 @pytest.mark.parametrize("kind", KINDS)
 def test_fused_rebases_return_the_sums_of_what_they_wrote(kind, ok):
     """With the sums asked for (as compile=True does), the state="ref+delta" and state="delta" rebases
-    return per tensor [0, <x, Delta>, 0, ||x||^2] of the x and Delta they wrote, x as rounded to the
-    parameter's dtype: the direct sums of the written tensors, to the sums' tolerance."""
+    return per tensor [0, <x, Delta>, 0, ||x||^2] of the x and Delta they wrote: the direct sums of the
+    written tensors, to the sums' tolerance. Not for a 16-bit x (None: compiled, the rounding to x's
+    dtype is not kept in the value the sums would see, so the next step reads x)."""
     sp, xs, refs, ds, S_old, S_new, okt = rebase_inputs(kind, 6, ok)
     dtype = TUNER[kind]
     for fn, one, third in ((kernels.rebase_fusable, kernels._rebase_one_sums, refs),
@@ -256,6 +257,9 @@ def test_fused_rebases_return_the_sums_of_what_they_wrote(kind, ok):
         got = fn(x_out, [t.clone() for t in third], d_out, S_old, S_new, okt, one=one)
         assert len(got) == len(xs)
         for i, (w, x, d) in enumerate(zip(got, x_out, d_out)):
+            if x.dtype != d.dtype:
+                assert w is None, f"{kind}/{fn.__name__}[{i}]"
+                continue
             assert w.dtype == dtype and w.shape == (4,)
             exp, scale = sums64([], [], [], [x], [d])
             within(w, exp, sum_tol(dtype), scale, f"{kind}/{fn.__name__}[{i}]")

@@ -474,7 +474,7 @@ def effective_lrs(S: Tensor, groups: list[dict[str, Any]], lrs: list[float] | No
 
 def _stamp(x: Tensor, d: Tensor) -> tuple:
     """What changes when ``x`` or ``Delta`` is written in place (autograd's version counter) or replaced
-    (the address); a write through ``.data`` bypasses the counter and is seen one step late."""
+    (the address); a write through ``.data`` bypasses the counter and is not seen (docs/behaviour.md)."""
     return x._version, x.data_ptr(), d._version, d.data_ptr()
 
 

@@ -26,14 +26,17 @@ def partial_sums_eager(gs: list[Tensor], gds: list[Tensor], negate: list[bool], 
     """[<g, D>, <x, D>, ||g||^2, ||x||^2] over the lists, in ``dtype`` (a negated g counts as -g). Each
     is a dot product accumulated in the wider of the inputs' dtypes and ``dtype`` (the tuner's); the
     squares too (one read, like a norm, but on CPU about twice as fast as torch's norm kernel)."""
-    flat: dict[int, Tensor] = {}  # each tensor flattened (and widened) once
+    flat: dict[int, Tensor] = {}  # each contiguous tensor's flat view, made once
 
     def f(t: Tensor) -> Tensor:
         v = flat.get(id(t))
         if v is None:
             v = t.reshape(-1)
             wide = torch.promote_types(v.dtype, dtype)
-            v = flat[id(t)] = v if v.dtype == wide else v.to(wide)
+            if v.dtype != wide:  # a widened copy per use, freed after it: one tensor's transient at a time
+                return v.to(wide)
+            if t.is_contiguous():
+                flat[id(t)] = v
         return v
 
     def dot(a: Tensor, b: Tensor) -> Tensor:
@@ -102,28 +105,45 @@ def _sums_g_rows(g: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
     return _sums_g(g, d, dtype, _total_rows)
 
 
-def _flat(t: Tensor) -> Tensor:
-    return t.view(-1) if t.is_contiguous() else t
+def _flat(*ts: Tensor) -> list[Tensor] | None:
+    """Flat 1-D views of the tensors, or None if one of them is not contiguous."""
+    return [t.view(-1) for t in ts] if all(t.is_contiguous() for t in ts) else None
 
 
 def partial_sums_fusable(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: list[Tensor],
                          xds: list[Tensor], dtype: torch.dtype, device: torch.device,
                          one: Callable = _sums_gx, xonly: Callable = _sums_x, gonly: Callable = _sums_g) -> Tensor:
     """The same sums, one tensor at a time through ``one`` (g and x of a tensor in one pass), ``xonly``
-    (no gradient) or ``gonly`` (x not asked for); compiled: one kernel each, shared by every tensor
-    through dynamic shapes (see ``compiled``)."""
+    (no gradient) or ``gonly`` (x not asked for), on flat 1-D views; compiled: one kernel each, shared by
+    every tensor through dynamic shapes (see ``compiled``). A tensor with a non-contiguous part has no
+    such view and takes the eager sums."""
     at = {id(d): i for i, d in enumerate(xds)}  # a tensor's direction is its own
-    flip = torch.tensor([-1.0, 1.0, 1.0, 1.0], dtype=dtype, device=device)
     parts, paired = [], set()
+    eager: tuple[list, list, list, list, list] = ([], [], [], [], [])  # gs, gds, negate, xs, xds
     for g, d, neg in zip(gs, gds, negate):
         i = at.get(id(d))
-        if i is None:
-            part = gonly(_flat(g), _flat(d), dtype)
-        else:
+        if i is not None:
             paired.add(i)
-            part = one(_flat(g), _flat(d), _flat(xs[i]), dtype)
-        parts.append(part * flip if neg else part)
-    parts += [xonly(_flat(x), _flat(d), dtype) for i, (x, d) in enumerate(zip(xs, xds)) if i not in paired]
+        ts = _flat(g, d) if i is None else _flat(g, d, xs[i])
+        if ts is None:
+            for lst, v in zip(eager, (g, d, neg)):
+                lst.append(v)
+            if i is not None:
+                eager[3].append(xs[i])
+                eager[4].append(d)
+            continue
+        part = gonly(*ts, dtype) if i is None else one(*ts, dtype)
+        parts.append(torch.cat([-part[:1], part[1:]]) if neg else part)
+    for i, (x, d) in enumerate(zip(xs, xds)):
+        if i not in paired:
+            ts = _flat(x, d)
+            if ts is None:
+                eager[3].append(x)
+                eager[4].append(d)
+            else:
+                parts.append(xonly(*ts, dtype))
+    if eager[0] or eager[3]:
+        parts.append(partial_sums_eager(*eager, dtype, device))
     if not parts:
         return torch.zeros(4, dtype=dtype, device=device)
     return torch.stack(parts).sum(0)
@@ -181,7 +201,8 @@ def _each(one: Callable, eager: Callable, xs: list[Tensor], ys: list[Tensor], zs
 
 
 def _written(x: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
-    """[0, <x, d>, 0, ||x||^2] of the values a rebase wrote (x already rounded to the parameter's dtype)."""
+    """[0, <x, d>, 0, ||x||^2] of the values a rebase wrote. Only where x has Delta's dtype: compiled,
+    Inductor keeps a value rounded to a 16-bit x in float32, so its sums would not be of what x holds."""
     x, d = x.to(dtype), d.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=x.device)
     return torch.stack([zero, (x * d).sum(), zero, (x * x).sum()])
@@ -195,7 +216,7 @@ def _rebase_one(x: Tensor, r: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor, o
     x_new = (r + S_new * d_new).to(x.dtype)
     d.copy_(d_new)
     x.copy_(x_new)
-    return _written(x_new, d_new, S_new.dtype) if sums else None
+    return _written(x_new, d_new, S_new.dtype) if sums and x.dtype == d.dtype else None
 
 
 def _rebase_one_sums(x: Tensor, r: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor, ok: Tensor) -> Tensor | None:
@@ -264,7 +285,7 @@ def _rebase_delta_one(x: Tensor, p: Tensor, d: Tensor, S_old: Tensor, S_new: Ten
     x_new = (p.to(d.dtype) + (S_old * u + (S_new - S_old) * d_new)).to(x.dtype)
     d.copy_(d_new)
     x.copy_(x_new)
-    return _written(x_new, d_new, S_new.dtype) if sums else None
+    return _written(x_new, d_new, S_new.dtype) if sums and x.dtype == d.dtype else None
 
 
 def _rebase_delta_one_sums(x: Tensor, p: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor,
