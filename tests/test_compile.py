@@ -218,3 +218,37 @@ def test_compiled_param_norm_is_of_the_parameters_the_step_starts_from(dtype, mo
     assert opt.scale.item() != 0.1  # the scale moved, so x was rebased with it
     # what the next step takes from the rebase: the contiguous float32 parameter's sums only
     assert len(opt._engine._written) == (1 if dtype == torch.float32 else 0)
+
+
+@pytest.mark.timeout(600)
+def test_compiled_step_has_no_host_sync(monkeypatch):
+    """The step's host syncs (aten::_local_scalar_dense: .item(), bool() of a tensor) with compile=True,
+    counted by torch's profiler (a TorchDispatchMode counter would put the step on the eager kernels):
+    none beyond what the base optimizer does by itself. The profiler does see one when there is one."""
+    from torch.profiler import profile
+
+    from manic import kernels
+
+    monkeypatch.setattr(kernels, "SMALL", 0)
+
+    def syncs(fn) -> int:
+        with profile() as prof:
+            fn()
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+
+    gen = torch.Generator().manual_seed(6)
+    runs = []
+    for wrap in (True, False):
+        params = [torch.nn.Parameter(torch.randn(64, 32, generator=gen)), torch.nn.Parameter(torch.randn(32, generator=gen))]
+        base = torch.optim.AdamW(params, lr=1e-2, fused=True)
+        runs.append((params, manic.mechanize(base, compile=True) if wrap else base))
+    for t in range(5):
+        counts = []
+        for params, opt in runs:
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            counts.append(syncs(opt.step))
+        if t > 1:  # (the first two steps compile the kernels, whose compile reads sizes and values)
+            assert counts[0] == counts[1], f"step {t}: {counts}"
+    assert len(runs[0][1]._engine._written) == 2  # the compiled path ran
+    assert syncs(lambda: runs[0][1].scale.item()) == 1
