@@ -352,7 +352,9 @@ def compiled() -> Kernels:
     global _compiled
     if _compiled is None:
         def fuse(fn: Callable) -> Callable:
-            return torch.compile(fn, fullgraph=True, dynamic=True)
+            # (not fullgraph=True: past torch.compile's limit of 8 variants per function, e.g. many dtype
+            # combinations, the function then runs uncompiled, with the same result, instead of raising)
+            return torch.compile(fn, dynamic=True)
 
         def by_length(flat: Callable, rows: Callable) -> Callable:  # the rows form from 4096 elements
             return lambda *args: (rows if args[0].numel() >= _ROW else flat)(*args)
