@@ -5,8 +5,8 @@ copy of x_t that state="delta" takes before the base step);
 ``compiled()`` is the same per-tensor code through ``torch.compile``, which fuses each function into a
 single pass over one tensor, shared by all tensors (opt in with ``compile=True``: the first step pays
 the compile). A fused rebase also returns, per tensor, ``[0, <x, Delta>, 0, ||x||^2]`` of the values it
-wrote, so that the next step's sums need to read only ``g`` and ``Delta`` (the engine checks that
-``x`` and ``Delta`` were not changed in between); the eager ones return None for each tensor.
+wrote (None for a 16-bit x), so that the next step's sums need to read only ``g`` and ``Delta`` (the
+engine checks that ``x`` and ``Delta`` were not changed in between); the eager rebases return None.
 All tensors here are local shards; the 0-dim tensors live on the same device.
 """
 
@@ -193,19 +193,14 @@ def _each(one: Callable, eager: Callable, xs: list[Tensor], ys: list[Tensor], zs
     ``eager`` for a triple with a non-contiguous tensor, which has no such view. Returns their results."""
     out = []
     for x, y, z in zip(xs, ys, zs):
-        if x.is_contiguous() and y.is_contiguous() and z.is_contiguous():
-            out.append(one(x.view(-1), y.view(-1), z.view(-1), *args))
-        else:
-            out.append(eager(x, y, z, *args))
+        flat = _flat(x, y, z)
+        out.append(eager(x, y, z, *args) if flat is None else one(*flat, *args))
     return out
 
 
-def _written(x: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
-    """[0, <x, d>, 0, ||x||^2] of the values a rebase wrote. Only where x has Delta's dtype: compiled,
-    Inductor keeps a value rounded to a 16-bit x in float32, so its sums would not be of what x holds."""
-    x, d = x.to(dtype), d.to(dtype)
-    zero = torch.zeros((), dtype=dtype, device=x.device)
-    return torch.stack([zero, (x * d).sum(), zero, (x * x).sum()])
+# A rebase asked for ``sums`` returns [0, <x, Delta>, 0, ||x||^2] of what it wrote (``_sums_x``), only where
+# x has Delta's dtype: compiled, Inductor keeps a value rounded to a 16-bit x in float32, so its sums would
+# not be of what x holds.
 
 
 def _rebase_one(x: Tensor, r: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor, ok: Tensor,
@@ -216,7 +211,7 @@ def _rebase_one(x: Tensor, r: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor, o
     x_new = (r + S_new * d_new).to(x.dtype)
     d.copy_(d_new)
     x.copy_(x_new)
-    return _written(x_new, d_new, S_new.dtype) if sums and x.dtype == d.dtype else None
+    return _sums_x(x_new, d_new, S_new.dtype) if sums and x.dtype == d.dtype else None
 
 
 def _rebase_one_sums(x: Tensor, r: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor, ok: Tensor) -> Tensor | None:
@@ -285,7 +280,7 @@ def _rebase_delta_one(x: Tensor, p: Tensor, d: Tensor, S_old: Tensor, S_new: Ten
     x_new = (p.to(d.dtype) + (S_old * u + (S_new - S_old) * d_new)).to(x.dtype)
     d.copy_(d_new)
     x.copy_(x_new)
-    return _written(x_new, d_new, S_new.dtype) if sums and x.dtype == d.dtype else None
+    return _sums_x(x_new, d_new, S_new.dtype) if sums and x.dtype == d.dtype else None
 
 
 def _rebase_delta_one_sums(x: Tensor, p: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor,
@@ -300,9 +295,10 @@ def rebase_delta_fusable(xs: list[Tensor], prevs: list[Tensor], ds: list[Tensor]
 
 class Kernels(NamedTuple):
     partial_sums: Callable[..., Tensor]
-    rebase: Callable[..., None]
-    rebase_recompute: Callable[..., None]
-    rebase_delta: Callable[..., None]
+    # the rebases: None (eager) or, per tensor, what the fused form returned (see the module docstring)
+    rebase: Callable[..., list[Tensor | None] | None]
+    rebase_recompute: Callable[..., list[None] | None]
+    rebase_delta: Callable[..., list[Tensor | None] | None]
 
 
 EAGER = Kernels(partial_sums_eager, rebase_eager, rebase_recompute_eager, rebase_delta_eager)
