@@ -7,6 +7,12 @@ of square linear layers of the requested parameter count, float32.
 
     python benchmarks/step_overhead.py [--params 1e6 8e6 3e7] [--bases adamw_fused ...] [--quick]
     python benchmarks/step_overhead.py --compile-time [--tensors 128]
+    python benchmarks/step_overhead.py --device cuda --methods base manic compile [--sequential]
+
+``--methods`` keeps some of each base's variants (base, manic, store_delta=False, compile,
+mechanic-pytorch); ``--sequential`` measures one method at a time and frees it before the next
+(a model's memory at a time, for models too large to hold every method at once; not interleaved).
+The CSV (next to the .md) is written with the csv module: method names hold commas.
 
 The pass model (docs/performance.md, "The limit in passes over memory"): a step of Mechanic moves
 ``PASSES[method]`` parameter-sized tensors besides the base step, which moves ``BASE_PASSES[base]``;
@@ -19,6 +25,8 @@ fresh process with an empty Inductor cache (what a user's first run pays).
 from __future__ import annotations
 
 import argparse
+import csv
+import gc
 import statistics
 import sys
 import time
@@ -53,6 +61,17 @@ def variants(base: str) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.
         f"manic({base}, compile=True)": lambda p: manic.mechanize(cls(p, **kwargs), compile=True),
         f"mechanic-pytorch({base})": mechanic_pytorch,
     }
+
+
+# --methods: which of variants()'s entries, in its order
+METHODS = ["base", "manic", "store_delta=False", "compile", "mechanic-pytorch"]
+
+
+def kind(method: str, base: str) -> str:
+    """The --methods name of one of variants(base)'s entries."""
+    names = {base: "base", f"manic({base})": "manic", f"manic({base}, store_delta=False)": "store_delta=False",
+             f"manic({base}, compile=True)": "compile", f"mechanic-pytorch({base})": "mechanic-pytorch"}
+    return names[method]
 
 
 # reads + writes of parameter-sized memory per step
@@ -90,39 +109,81 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(n: float, bases: list[str], repeats: int, warmup: int, device: str = "cpu") -> list[dict]:
-    opts = {}
-    for base in bases:
-        for name, make in variants(base).items():
-            opts[name] = (base, make(model_params(n, device=device)))
-    times: dict[str, list[float]] = {name: [] for name in opts}
-    for name, (_, opt) in opts.items():
-        for _ in range(warmup):  # includes torch.compile's first call
-            opt.step()
-    for _ in range(repeats):
-        for name, (_, opt) in opts.items():
-            _sync(device)
-            start = time.perf_counter()
-            opt.step()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
+def _time_steps(opt: torch.optim.Optimizer, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    opt.step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure(n: float, bases: list[str], repeats: int, warmup: int, device: str = "cpu",
+            methods: list[str] | None = None, sequential: bool = False) -> list[dict]:
+    """Median step time of each method (``methods``: METHODS names; None: all) over each base. Interleaved
+    (every method holds its model at once, stepped round-robin) unless ``sequential``: one method's model
+    at a time, freed before the next."""
+    methods = methods or METHODS
+    makers = {name: (base, make) for base in bases for name, make in variants(base).items()
+              if kind(name, base) in methods}
+    if not any(kind(name, base) == "base" for name, (base, _) in makers.items()):
+        raise SystemExit("--methods must include base (the ratios are to it)")
+    times: dict[str, list[float]] = {name: [] for name in makers}
+    n_actual = None
+    if sequential:
+        for name, (base, make) in makers.items():
+            params = model_params(n, device=device)
+            n_actual = sum(p.numel() for p in params)
+            opt = make(params)
+            for _ in range(warmup):  # includes torch.compile's first call
+                opt.step()
+            times[name] = [_time_steps(opt, device) for _ in range(repeats)]
+            del opt, params
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    else:
+        opts = {}
+        for name, (base, make) in makers.items():
+            params = model_params(n, device=device)
+            n_actual = sum(p.numel() for p in params)
+            opts[name] = make(params)
+        for opt in opts.values():
+            for _ in range(warmup):  # includes torch.compile's first call
+                opt.step()
+        for _ in range(repeats):
+            for name, opt in opts.items():
+                times[name].append(_time_steps(opt, device))
+        del opts
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    n_actual = sum(p.numel() for p in opts[bases[0]][1].param_groups[0]["params"])
     rows = []
-    for name, (base, _) in opts.items():
+    for name, (base, _) in makers.items():
         row = {"params": n_actual, "method": name, "base": base, "ms": median[name],
                "ratio": median[name] / median[base], "overhead_ms": median[name] - median[base]}
         passes = _passes(name)
         if passes is not None:
             nbytes = 4 * n_actual  # float32
             row["passes"] = passes
-            row["gbps"] = passes * nbytes / (row["overhead_ms"] * 1e6)  # Mechanic's extra work, GB/s
+            row["gbps"] = passes * nbytes / (row["overhead_ms"] * 1e6) if row["overhead_ms"] > 0 else float("inf")
             row["of_bound"] = (1 + BOUND / BASE_PASSES[base]) / row["ratio"]
         rows.append(row)
     for r in rows:  # manic's overhead relative to mechanic-pytorch's over the same base
         mp = next((x["overhead_ms"] for x in rows if x["method"] == f"mechanic-pytorch({r['base']})"), None)
         r["vs_mechanic_pytorch"] = r["overhead_ms"] / mp if mp and r["method"].startswith("manic") else None
     return rows
+
+
+CSV_FIELDS = ["params", "method", "base", "ms", "ratio"]  # (the pass model's columns follow from PASSES)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """One row per (params, method), quoted where a field holds a comma (method names do)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(CSV_FIELDS)
+        writer.writerows([r["params"], r["method"], r["base"], f"{r['ms']:.4f}", f"{r['ratio']:.4f}"] for r in rows)
 
 
 def table(rows: list[dict]) -> str:
@@ -181,6 +242,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30, help="timed steps per method (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                        help="which of each base's variants to time (default: all; base is required)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="one method's model in memory at a time (not interleaved): for large models")
     parser.add_argument("--quick", action="store_true", help="one small model, few steps (smoke test)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--large", type=float, default=None,
@@ -197,26 +262,30 @@ def main() -> None:
         return compile_time(args.tensors, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available (torch {torch.__version__})")
     if args.quick:
         args.params, args.repeats, args.bases = [2e5], 3, ["adamw_fused", "adamw_foreach"]
     rows = []
     for n in args.params:
-        rows += measure(n, args.bases, args.repeats, warmup=2 if args.quick else 5, device=args.device)
+        rows += measure(n, args.bases, args.repeats, warmup=2 if args.quick else 5, device=args.device,
+                        methods=args.methods, sequential=args.sequential)
+    how = "steps, one method at a time" if args.sequential else "interleaved steps"
+    where = (f"{torch.cuda.get_device_name(args.device)}, " if args.device.startswith("cuda") else
+             f"{torch.get_num_threads()} threads, ")
     env = _common.env_line("python benchmarks/step_overhead.py " + " ".join(sys.argv[1:]),
-                           f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved steps")
+                           f"{where}median of {args.repeats} {how}")
     text = table(rows)
     if args.large:
-        big = measure(args.large, ["adamw_fused"], args.large_repeats, warmup=2, device=args.device)
+        big = measure(args.large, ["adamw_fused"], args.large_repeats, warmup=2, device=args.device,
+                      methods=args.methods, sequential=args.sequential)
         text += (f"\n\n{args.large / 1e6:g}M parameters (fused AdamW base only, to fit in memory; median of "
-                 f"{args.large_repeats} interleaved steps):\n\n" + table(big))
+                 f"{args.large_repeats} {how}):\n\n" + table(big))
         rows += big
     text += "\n\n" + env
     print(text)
     md = _common.save(args.out, "step_overhead", args.quick, text)
-    with open(md.with_suffix(".csv"), "w") as f:
-        f.write("params,method,base,ms,ratio\n")  # (the pass model's columns follow from PASSES)
-        f.writelines(f"{r['params']},{r['method']},{r['base']},{r['ms']:.4f},{r['ratio']:.4f}\n" for r in rows)
-
+    write_csv(md.with_suffix(".csv"), rows)
 
 if __name__ == "__main__":
     main()
