@@ -5,18 +5,24 @@ Measured per method, each in a fresh process (so allocator high-water marks do n
   the same for plain AdamW, the base every method is compared with;
 - peak extra: how far the steps raise the process's high-water RSS above where it stood right
   before the first step, with the model, its gradients and the optimizer built (ru_maxrss; on CUDA
-  torch.cuda.max_memory_allocated), minus the same for plain AdamW: the state the steps create
-  plus the largest transient of a step, without the process's own noise.
+  torch.cuda.max_memory_allocated after resetting the peak to what is allocated before the first
+  step), minus the same for plain AdamW: the state the steps create plus the largest transient of
+  a step, without the process's own noise.
 The model is a stack of 1024x1024 linear layers with fixed random gradients.
 ``--fsdp2`` adds the same per rank under FSDP2 at 1, 2 and 4 ranks (gloo on CPU; local shards),
 where a method that fails under FSDP2 is reported as failing.
 
     python benchmarks/memory.py [--params 8e6] [--fsdp2] [--quick]
+    python benchmarks/memory.py --device cuda --params 1e8 --methods adamw manic manic_delta
+
+Writes memory.md and memory.csv (bytes per method) to --out; each method's process has --timeout
+seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import resource
@@ -88,8 +94,13 @@ def worker(method: str, n_params: float, steps: int, device: str, fsdp2: bool = 
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     opt = build(method, params)
-    before = (torch.cuda.max_memory_allocated() if device == "cuda"
-              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0)
+    cuda = device.startswith("cuda")
+    if cuda:  # the high-water mark from here: what is allocated before the first step
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = float(torch.cuda.memory_allocated(device))
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
     for _ in range(steps):
         opt.step()
     seen = {id(p) for p in params} | {id(p.grad) for p in params}
@@ -101,8 +112,9 @@ def worker(method: str, n_params: float, steps: int, device: str, fsdp2: bool = 
                 "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0 - before}
     state = tensor_bytes(dict(opt.state), seen) + tensor_bytes(
         [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups], seen)
-    if device == "cuda":
-        peak = float(torch.cuda.max_memory_allocated()) - before
+    if cuda:
+        torch.cuda.synchronize(device)
+        peak = float(torch.cuda.max_memory_allocated(device)) - before
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0 - before
     return {"param_bytes": float(sum(p.numel() * p.element_size() for p in params)), "state_bytes": float(state),
@@ -152,6 +164,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small model and two steps (smoke test)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results directory")
     parser.add_argument("--fsdp2", action="store_true", help="also per rank under FSDP2 at 1, 2 and 4 ranks")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
+                        help="methods to measure (adamw, the base of the comparison, always runs)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per method's process")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -159,22 +174,20 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.params, args.steps, args.device)))
         return
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available (torch {torch.__version__})")
 
     rows = {}
-    for method in METHODS:
-        cmd = [sys.executable, __file__, "--worker", method, "--params", str(args.params), "--steps",
-               str(args.steps), "--device", args.device]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            rows[method] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
-            continue
-        rows[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    for method in ["adamw", *[m for m in args.methods if m != "adamw"]]:
+        rows[method] = run_method(method, args)
     base = rows["adamw"]
+    if "error" in base:
+        raise SystemExit(f"memory.py: plain AdamW, the base of every comparison, failed: {base['error']}")
     pb = base["param_bytes"]
+    high_water = "max_memory_allocated" if args.device.startswith("cuda") else "RSS"
     lines = [f"Model: {pb / 1e6:.1f} MB of float32 parameters on {args.device}; {args.steps} steps; extra = "
              "method minus plain AdamW (persistent: optimizer-state tensors; peak: how far the steps raise the "
-             f"high-water {'max_memory_allocated' if args.device == 'cuda' else 'RSS'} above its level before the "
-             "first step, in a fresh process).", "",
+             f"high-water {high_water} above its level before the first step, in a fresh process).", "",
              "| method | persistent extra (MB) | x param bytes | peak extra (MB) | x param bytes |",
              "| --- | --- | --- | --- | --- |"]
     for method, r in rows.items():
@@ -188,7 +201,42 @@ def main() -> None:
         lines += ["", *fsdp2_table(args)]
     text = "\n".join(lines + ["", env])
     print(text)
-    _common.save(args.out, "memory", args.quick, text)
+    md = _common.save(args.out, "memory", args.quick, text)
+    write_csv(md.with_suffix(".csv"), rows, args.device)
+
+
+def run_method(method: str, args: argparse.Namespace) -> dict:
+    """One method in a fresh process (its own high-water marks), within ``args.timeout`` seconds."""
+    cmd = [sys.executable, __file__, "--worker", method, "--params", str(args.params), "--steps",
+           str(args.steps), "--device", args.device]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout:g} s"}
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+CSV_FIELDS = ["device", "method", "param_bytes", "state_bytes", "peak_bytes", "persistent_extra_x", "peak_extra_x",
+              "error"]
+
+
+def write_csv(path: Path, rows: dict[str, dict], device: str) -> None:
+    """Bytes per method and the extras over plain AdamW as multiples of the parameters' bytes."""
+    base = rows["adamw"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for method, r in rows.items():
+            if "error" in r:
+                writer.writerow({"device": device, "method": method, "error": r["error"]})
+                continue
+            pb = r["param_bytes"]
+            writer.writerow({"device": device, "method": method, "param_bytes": int(pb),
+                             "state_bytes": int(r["state_bytes"]), "peak_bytes": int(r["peak_bytes"]),
+                             "persistent_extra_x": f"{(r['state_bytes'] - base['state_bytes']) / pb:.4f}",
+                             "peak_extra_x": f"{(r['peak_bytes'] - base['peak_bytes']) / pb:.4f}", "error": ""})
 
 
 if __name__ == "__main__":
