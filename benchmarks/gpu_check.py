@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shlex
 import signal
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,24 +87,40 @@ class Env:
                 + (" (assumed for --dry-run)" if self.assumed else ""))
 
 
+PROBE_TIMEOUT = 90.0  # seconds for torch's CUDA initialisation (a broken driver can hang it)
+
+
 def probe() -> Env:
+    """This machine's GPUs, asked in a subprocess with a timeout: a CUDA initialisation that hangs fails the
+    check instead, and this process holds no CUDA context (and no GPU memory) while the steps run."""
+    try:
+        done = subprocess.run([sys.executable, __file__, "--_probe"], capture_output=True, text=True,
+                              timeout=PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise CheckError(f"asking torch for the GPUs did not finish in {PROBE_TIMEOUT:g} s (a hung CUDA driver? "
+                         "try nvidia-smi)") from None
+    if done.returncode != 0:
+        raise CheckError(f"asking torch for the GPUs failed: {done.stderr.strip()[-2000:]}")
+    return Env(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _probe() -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
     env = Env(torch=torch.__version__, cuda_build=torch.version.cuda, gpus=0)
-    if not torch.cuda.is_available():
-        return env
-    env.gpus = torch.cuda.device_count()
-    env.names = [torch.cuda.get_device_name(i) for i in range(env.gpus)]
-    env.free_bytes, env.total_bytes = torch.cuda.mem_get_info(0)
-    env.nccl = dist.is_available() and dist.is_nccl_available()
-    try:
-        import triton
+    if torch.cuda.is_available():
+        env.gpus = torch.cuda.device_count()
+        env.names = [torch.cuda.get_device_name(i) for i in range(env.gpus)]
+        env.free_bytes, env.total_bytes = torch.cuda.mem_get_info(0)
+        env.nccl = dist.is_available() and dist.is_nccl_available()
+        try:
+            import triton
 
-        env.triton = triton.__version__
-    except ImportError:
-        env.triton = None
-    return env
+            env.triton = triton.__version__
+        except ImportError:
+            env.triton = None
+    return asdict(env)
 
 
 @dataclass
@@ -423,6 +440,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="print the plan for this machine (or the one --assume-* describe) and run nothing")
     parser.add_argument("--assume-gpus", type=int, default=None, help="with --dry-run: plan for this many GPUs")
     parser.add_argument("--assume-gb", type=float, default=None, help="with --dry-run: GiB free on cuda:0")
+    parser.add_argument("--_probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if (args.assume_gpus is not None or args.assume_gb is not None) and not args.dry_run:
         parser.error("--assume-gpus and --assume-gb only plan (--dry-run); a real check measures this machine")
@@ -440,6 +458,9 @@ NO_CUDA = ("manic GPU check: {env}. This check needs an NVIDIA GPU and a CUDA bu
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args._probe:
+        print(json.dumps(_probe()))
+        return 0
     env = probe()
     if args.dry_run and (args.assume_gpus is not None or args.assume_gb is not None or not env.gpus):
         gpus = args.assume_gpus if args.assume_gpus is not None else max(env.gpus, 1)
