@@ -22,8 +22,8 @@ Diagnostics of every manic run (any optimizer that is a ``manic.Mechanized``): `
 effective lr), the final ``S`` and ``S * base_lr`` (``final_eff_lr``: the peak lr the run ended with,
 comparable with AdamW's lr), and the greedy oracle (``oracle_trace``): at 10, 25, 50, 75, 90 and 100%
 of T, the training loss on ``ORACLE_BATCHES`` fixed train batches along Mechanic's line
-``x(S') = x_ref + S' * Delta`` for ``S' = S * 2**k`` (k = -5..5, extended while the best is at an end),
-parameters restored after. Each entry of the trace is ``step,S*base_lr,S'*base_lr,loss(S),loss(S'),edge``
+``x(S') = x_ref + S' * Delta`` for ``S' = S * 2**k`` (k = -5..5, extended while the best is at an end, then refined to quarter
+octaves around the best), parameters restored after. Each entry of the trace is ``step,S*base_lr,S'*base_lr,loss(S),loss(S'),edge``
 with ``S'`` the argmin (``edge`` 1: the argmin is at the extended grid's end, 2**+-12).
 
 Usage:
@@ -97,6 +97,7 @@ ORACLE_AT = [0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
 ORACLE_BATCHES = 4
 ORACLE_K = (-5, 5)  # S' = S * 2**k; extended while the argmin is at an end, up to ORACLE_K_MAX
 ORACLE_K_MAX = 12
+ORACLE_REFINE = (-0.5, -0.25, 0.25, 0.5)  # then S * 2**(k + d) around the best k
 FIELDS = ["task", "half", "steps", "method", "lr", "seed", "val_loss", "val_metric", "loss0", "train_loss",
           "final_scale", "final_eff_lr", "eff_lr_trace", "oracle_trace", "diverged", "seconds"]
 QUICK_TASKS = ["digits_mlp_c10", "breast_cancer_mlp", "charlm_prose_c0.1"]
@@ -195,26 +196,34 @@ def oracle(opt: manic.Mechanized, model: torch.nn.Module, task: suite_tasks.Suit
     was_training = model.training
     model.eval()
 
-    def f(k: int) -> float:
+    def f(k: float) -> float:
         for p, _, ref, delta in line:
             p.copy_(ref + (S * 2.0**k) * delta)
         v = sum(task.loss(model, b).item() for b in batches) / len(batches)
         return v if math.isfinite(v) else math.inf
 
     lo, hi = ORACLE_K
-    vals = {k: f(k) for k in range(lo, hi + 1)}
+    vals = {float(k): f(k) for k in range(lo, hi + 1)}
+
+    def argmin() -> float:
+        return min(vals, key=lambda k: (vals[k], abs(k)))
+
     while True:
-        best = min(vals, key=lambda k: (vals[k], abs(k)))
+        best = argmin()
         if best == min(vals) and best > -ORACLE_K_MAX:
             vals[best - 1] = f(best - 1)
         elif best == max(vals) and best < ORACLE_K_MAX:
             vals[best + 1] = f(best + 1)
         else:
             break
+    edge = int(abs(best) == ORACLE_K_MAX)
+    for d in ORACLE_REFINE:  # a quarter-octave resolution around the best power of 2
+        if abs(best + d) <= ORACLE_K_MAX:
+            vals[best + d] = f(best + d)
+    best = argmin()
     for p, saved, _, _ in line:
         p.copy_(saved)
     model.train(was_training)
-    edge = int(abs(best) == ORACLE_K_MAX)
     return f"{step},{S * base_lr:.4g},{S * 2.0**best * base_lr:.4g},{vals[0]:.5g},{vals[best]:.5g},{edge}"
 
 

@@ -257,8 +257,8 @@ def half_report(rows: list[dict], half: str, command: str) -> str:
         out += ["## Mechanic's scale against the greedy oracle and the best AdamW lr", "",
                 "Every lr here is a peak lr (the scale times the base lr, before the schedule's factor), comparable "
                 "with AdamW's swept lr. The oracle: at 10/25/50/75/90/100% of T, the S' minimising the training loss on "
-                "4 fixed train batches along Mechanic's line x_ref + S'·Delta (log grid 2^k around S; `!`: argmin at "
-                "2^±12, the grid's end). Short-horizon hypothesis: S tracks the oracle's S' and both sit well below "
+                "4 fixed train batches along Mechanic's line x_ref + S'·Delta (log grid 2^k around S, then quarter "
+                "octaves around the best; `!`: argmin at 2^±12, the grid's end). Short-horizon hypothesis: S tracks the oracle's S' and both sit well below "
                 "the best AdamW lr.", "",
                 "Medians over tasks and seeds:", "", *diag_summary(rows, tasks, lengths), "",
                 "Per task (geometric means over seeds):", ""]
