@@ -1,10 +1,12 @@
-"""Learning-rate robustness: final validation metrics across 6+ decades of base learning rate.
+"""Learning-rate robustness: final validation metrics across six decades of base lr (1e-6 ... 1).
 
 For every task, method, base lr and seed, train from the same initialisation and record the final
 validation loss and accuracy. Methods: AdamW alone (the bar: its best lr), manic's original form
 (``variant="original"``; benchmarks/run_length.py studies the default form) over AdamW and over SGD, mechanic-pytorch over AdamW, and the learning-rate-free peers Prodigy, D-Adaptation Adam and
 schedule-free AdamW, each swept over its own lr (a multiplier of 1 for Prodigy/D-Adaptation is
-their default). Base optimizers follow warmup + cosine (schedule-free uses its own warmup).
+their default). Base optimizers follow warmup + cosine, Prodigy included (without its
+``safeguard_warmup``); schedule-free runs without a schedule and without warmup (``warmup_steps=0``).
+benchmarks/run_length.py runs Prodigy and schedule-free as their authors recommend under warmup.
 
 Tasks (no download): ``digits``, an MLP on scikit-learn's 8x8 digits; ``charlm``, the launcher's
 character-level GPT on the Python standard library's source (launch/).
@@ -32,7 +34,7 @@ from tqdm import tqdm
 import manic
 
 RESULTS = Path(__file__).parent / "results"
-GRID = [10.0**e for e in range(-6, 1)]  # base lr, 7 decades
+GRID = [10.0**e for e in range(-6, 1)]  # base lr 1e-6 ... 1: 7 points, 6 decades
 MULTIPLIERS = [10.0**e for e in range(-3, 4)]  # Prodigy / D-Adaptation lr multipliers
 
 

@@ -1,15 +1,24 @@
 """Tuning quality against run length: what Mechanic costs next to best-tuned AdamW and the peers.
 
-For each task, run length T, base lr (five decades) and seed, train from the same initialisation
+For each task, run length T, base lr (four decades, 1e-4 ... 1) and seed, train from the same initialisation
 with warmup (5% of T) + cosine and record the final validation loss and accuracy, the train loss
 (mean of the last 10% of steps), and the effective step size ``S * lr_t`` over time. Methods:
 
-- ``adamw``: plain AdamW over a lr grid; its best lr per (task, T, seed) is the reference;
+- ``adamw``: plain AdamW over a lr grid (1e-4, 3e-4, ... 0.3, 1); its best lr per (task, T, seed) is
+  the reference. The grid is extended one point past any best that sits on its edge (3, 10, ... or
+  3e-5, 1e-5, ...), and again, until every best has a worse neighbour on both sides;
 - ``manic``: manic's default (the invariant form) over AdamW, and ``manic_original`` (the authors'
   update, ``variant="original"``) over AdamW, at base lrs 1e-4 ... 1;
 - ``manic_original_s<v>``: the original form at other ``s_init`` values (``--s-init-grid``);
-- the peers at their own defaults: Prodigy (lr 1), D-Adaptation Adam (lr 1), schedule-free AdamW
-  (lr 0.0025) and mechanic-pytorch over AdamW (lr 1e-3).
+- the peers as their authors recommend them for this schedule (warmup, then cosine), not tuned:
+  Prodigy at lr 1 with ``safeguard_warmup=True`` (its README: "To avoid issues with warm-up, use
+  option safeguard_warmup=True"; ``use_bias_correction`` stays off, recommended there for diffusion
+  models only), under the study's warmup + cosine (its README recommends cosine annealing);
+  schedule-free AdamW at its default lr 0.0025 (2.5 times AdamW's default 1e-3: its README advises
+  1x-10x a scheduled AdamW's lr) with ``warmup_steps`` = the study's warmup and no schedule (its
+  README: "Using learning rate warmup is recommended"); D-Adaptation Adam (lr 1) and mechanic-pytorch
+  over AdamW (lr 1e-3) at their defaults under the study's schedule. Every peer keeps its default
+  weight decay.
 
 Tasks (no download): ``digits`` (benchmarks/lr_sweep.py's MLP on scikit-learn's digits) and
 ``charlm``, the launcher's character GPT shrunk to fit 2 CPU cores: 1 layer, width 32, context 32,
@@ -49,7 +58,8 @@ import manic  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 CSV = RESULTS / "run_length.csv"
 BASE_LRS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
-ADAMW_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+ADAMW_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+ADAMW_LIMITS = (1e-7, 100.0)  # the grid's automatic extension (past_edges) stops here
 S_INIT_GRID = [1e-8, 1e-4, 1e-2]  # the original form's other starts (1e-6 is manic_original)
 # the default form with one knob moved, at base lr 1e-2 only (the form is invariant to the base lr)
 ABLATIONS = {"manic_wd1": {"weight_decay": 1.0}, "manic_wd2": {"weight_decay": 2.0},
@@ -73,7 +83,17 @@ def make_task(name: str, steps: int) -> lr_sweep.Task:
     return lr_sweep.charlm_task(steps, n_layer=1, n_embd=32, block_size=32, batch_size=16)
 
 
-def build(method: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+def build(method: str, params: list[torch.Tensor], lr: float, warmup: int = 0) -> torch.optim.Optimizer:
+    """The optimizer of ``method``; ``warmup``: the study's warmup steps, which the peers are told of
+    as their authors recommend (Prodigy's ``safeguard_warmup``, schedule-free's ``warmup_steps``)."""
+    if method == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=lr, safeguard_warmup=warmup > 0)
+    if method == "schedulefree_adamw":
+        from schedulefree import AdamWScheduleFree
+
+        return AdamWScheduleFree(params, lr=lr, warmup_steps=warmup)
     if method == "manic":
         return manic.mechanize(torch.optim.AdamW(params, lr=lr))
     if method in PER_GROUP:
@@ -118,8 +138,8 @@ def run(job: tuple[str, int, str, float, int]) -> dict:
     task = make_task(name, steps)
     model = task.make_model(seed)
     # a probe row: AdamW at the lr the probe suggested; final_scale * lr records that lr
-    opt = build("adamw" if suggested else method, list(model.parameters()), suggested or lr)
     warmup = max(1, steps // 20)
+    opt = build("adamw" if suggested else method, list(model.parameters()), suggested or lr, warmup)
     cosine = lambda t: min(1.0, (t + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * t / steps))  # noqa: E731
     schedule_free = method == "schedulefree_adamw"
     sched = None if schedule_free else torch.optim.lr_scheduler.LambdaLR(opt, cosine)
@@ -179,6 +199,33 @@ def jobs_for(tasks: list[str], lengths: list[int], seeds: int, s_init_grid: bool
     return sorted(jobs, key=lambda j: (j[1] == longest, j[4] if j[1] == longest else 0, -j[1]))
 
 
+def _neighbour(lr: float, up: bool) -> float:
+    """The next point of the 1-3-10 grid above (or below) ``lr``."""
+    decade = abs(math.log10(lr) - round(math.log10(lr))) < 1e-9
+    return float(f"{lr * (3 if decade else 10 / 3) if up else lr / (10 / 3 if decade else 3):.1g}")
+
+
+def past_edges(tasks: list[str], lengths: list[int], seeds: int, path: Path | None = None) -> list[tuple]:
+    """AdamW jobs one grid point past every best that sits on the edge of the lrs run so far (all seeds
+    of that task and length), from the rows in ``path``; empty once every best is inside its grid."""
+    rows = [r for r in load(path or CSV) if r["method"] == "adamw" and math.isfinite(r["val_loss"])]
+    jobs = []
+    for name in tasks:
+        for steps in lengths:
+            mine = [r for r in rows if (r["task"], r["steps"]) == (name, steps)]
+            lrs = sorted({r["lr"] for r in mine} | set(ADAMW_LRS))
+            for seed in range(seeds):
+                runs = [r for r in mine if r["seed"] == seed]
+                if not runs:
+                    continue
+                best = min(runs, key=lambda r: r["val_loss"])["lr"]
+                for edge, up in ((lrs[-1], True), (lrs[0], False)):
+                    nxt = _neighbour(edge, up)
+                    if best == edge and ADAMW_LIMITS[0] <= nxt <= ADAMW_LIMITS[1]:
+                        jobs += [(name, steps, "adamw", nxt, s) for s in range(seeds)]
+    return sorted(set(jobs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["digits", "charlm"], choices=["digits", "charlm"])
@@ -195,12 +242,15 @@ def main() -> None:
     path = Path(args.out) / ("run_length_quick.csv" if args.quick else CSV.name)
     if args.quick:
         args.tasks, args.lengths, args.seeds = ["digits"], [20], 1
-    if not args.replot:
+    while not args.replot:  # again while AdamW's best sits on an edge of its grid (past_edges)
         done = {(r["task"], r["steps"], r["method"], r["lr"], r["seed"]) for r in load(path)}
         jobs = (probe_jobs(args.tasks, args.lengths, args.seeds) if args.probe
-                else jobs_for(args.tasks, args.lengths, args.seeds, args.s_init_grid))
-        todo = [j for j in jobs if j not in done]
+                else jobs_for(args.tasks, args.lengths, args.seeds, args.s_init_grid)
+                + past_edges(args.tasks, args.lengths, args.seeds, path))
+        todo = [j for j in dict.fromkeys(jobs) if j not in done]
         print(f"{len(todo)} runs to do ({len(done)} already in {path})", flush=True)
+        if not todo:
+            break
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
         with open(path, "a", newline="") as f, mp.get_context("forkserver").Pool(args.jobs) as pool:

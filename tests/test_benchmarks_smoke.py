@@ -37,8 +37,9 @@ def test_run_length_quick(tmp_path):
     out = _run(["benchmarks/run_length.py", "--quick", "--jobs", "1"], tmp_path)
     assert "manic (default: invariant)" in out and "Prodigy" in out
     rows = (tmp_path / "run_length_quick.csv").read_text().splitlines()
-    # header, AdamW grid, two forms x 5 lrs, 4 peers, 4 knobs, 2 per-group groupings
-    assert len(rows) == 1 + 7 + 5 + 5 + 4 + 4 + 2
+    # header, AdamW's 9-point grid (its best, 0.03, is inside it: no point added past an edge), two forms x 5 lrs,
+    # 4 peers, 4 knobs, 2 per-group groupings
+    assert len(rows) == 1 + 9 + 5 + 5 + 4 + 4 + 2
 
 
 def test_step_overhead_quick(tmp_path):
@@ -80,3 +81,29 @@ def test_run_all_lists_every_script():
     scripts = {p.name for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_")} - {
         "run_all.py", "report.py", "run_length_report.py", "gpu_check.py"}
     assert set(run_all.SCRIPTS) == scripts
+
+
+def test_run_length_extends_adamw_past_an_edge(tmp_path):
+    """run_length.py adds AdamW one grid point past a best that sits on the grid's edge (all seeds of that
+    task and length), and nothing once the best is inside."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run_length
+
+    assert [run_length._neighbour(v, True) for v in (0.3, 1.0, 3.0)] == [1.0, 3.0, 10.0]
+    assert [run_length._neighbour(v, False) for v in (1e-4, 3e-5)] == [3e-5, 1e-5]
+    path = tmp_path / "run_length.csv"
+
+    def write(losses: dict[float, float]) -> None:
+        with open(path, "w") as f:
+            f.write(",".join(run_length.FIELDS) + "\n")
+            for lr, loss in losses.items():
+                f.write(f"digits,100,adamw,{lr},0,{loss},0.9,0.1,2.3,nan,nan,\n")
+
+    grid = {lr: 1.0 for lr in run_length.ADAMW_LRS}
+    write({**grid, 1.0: 0.5})  # best at the top edge
+    assert run_length.past_edges(["digits"], [100], 2, path) == [("digits", 100, "adamw", 3.0, 0),
+                                                                 ("digits", 100, "adamw", 3.0, 1)]
+    write({**grid, 1.0: 0.5, 3.0: 0.6})  # past it, worse: done
+    assert run_length.past_edges(["digits"], [100], 2, path) == []
+    write({**grid, 1e-4: 0.5})  # best at the bottom edge
+    assert run_length.past_edges(["digits"], [100], 1, path) == [("digits", 100, "adamw", 3e-5, 0)]
