@@ -8,6 +8,7 @@ Every number the documentation quotes about these runs is in one of these files.
 
 from __future__ import annotations
 
+import ast
 import csv
 import math
 import statistics
@@ -79,10 +80,13 @@ def launcher(path: Path) -> str:
     out = ["| step | " + " | ".join(map(str, marks)) + " |", "| --- " * (len(marks) + 1) + "|",
            "| scale | " + " | ".join(f"{scale[s]:.3g}" for s in marks) + " |", ""]
     steps = sorted(scale)
-    first = next((s for s in steps if scale[s] >= 0.1), None)
-    top = max(steps, key=scale.__getitem__)
-    out.append(f"Scale: {scale[steps[0]]:.3g} at step {steps[0]}; first at or above 0.1 at step {first}; highest "
-               f"{scale[top]:.3g} at step {top}; {scale[steps[-1]]:.3g} at the last step ({steps[-1]}).")
+    low, top = min(steps, key=scale.__getitem__), max(steps, key=scale.__getitem__)
+    tail = [scale[s] for s in steps if s > steps[-1] - 100]
+    out.append(f"Scale: {scale[steps[0]]:.3g} at step {steps[0]} (the first logged); lowest {scale[low]:.3g} at step "
+               f"{low}; highest {scale[top]:.3g} at step {top}; {scale[steps[-1]]:.3g} at the last step "
+               f"({steps[-1]}); mean {statistics.fmean(tail):.3g} over the last 100 steps. The effective lr is the "
+               f"scale times the schedule's lr, so it runs {_relation(scale[low], scale[top])} the schedule at every "
+               f"logged step.")
     out += ["", "| step | validation loss, manic | validation loss, base optimizer alone |", "| --- | --- | --- |"]
     for r in rows:
         if r.get("val_loss"):
@@ -90,6 +94,59 @@ def launcher(path: Path) -> str:
             out.append(f"| {r['step']} | {float(r['val_loss']):.3f} | {float(other):.3f} |" if other
                        else f"| {r['step']} | {float(r['val_loss']):.3f} | |")
     return "\n".join(out)
+
+
+def _relation(low: float, high: float) -> str:
+    """How a factor between ``low`` and ``high`` relates a value to its reference, in words."""
+    if low >= 1:
+        return f"{low:.3g} to {high:.3g} times above"
+    if high <= 1:
+        return f"{1 / high:.3g} to {1 / low:.3g} times below"
+    return f"between {1 / low:.3g} times below and {high:.3g} times above"
+
+
+def _constants(path: Path, *names: str) -> dict[str, object]:
+    """Module-level constants of a benchmark script, read without importing it (and torch)."""
+    out = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and getattr(node.targets[0], "id", None) in names:
+            out[node.targets[0].id] = eval(compile(ast.Expression(node.value), str(path), "eval"), {"__builtins__": {}})
+    return out
+
+
+def step_overhead_rows(path: Path) -> list[dict]:
+    """The rows of step_overhead.csv; a method name with an unquoted comma (older files) is rejoined."""
+    with path.open(newline="") as f:
+        header, *rows = list(csv.reader(f))
+    out = []
+    for row in rows:
+        if len(row) > len(header):  # params, method (split at its commas), then the last fields
+            tail = len(header) - 2
+            row = [row[0], ",".join(row[1:len(row) - tail]), *row[len(row) - tail:]]
+        out.append(dict(zip(header, row)))
+    return out
+
+
+def step_overhead_numbers(path: Path) -> str:
+    """Numbers quoted in docs/performance.md's sentences: compile=True's work per second as a share of
+    fused AdamW's own, from the step times (both move the same pass count: BOUND, BASE_PASSES)."""
+    const = _constants(Path(__file__).with_name("step_overhead.py"), "BOUND", "BASE_PASSES")
+    bound, base_passes = const["BOUND"], const["BASE_PASSES"]["adamw_fused"]
+    ms = {(int(r["params"]), r["method"]): float(r["ms"]) for r in step_overhead_rows(path)
+          if r.get("device", "cpu") == "cpu"}
+    sizes = sorted(n for n, m in ms if m == "manic(adamw_fused, compile=True)" and n >= 5e6 and (n, "adamw_fused") in ms)
+    base_gbps = [n * 4 * base_passes / ms[n, "adamw_fused"] / 1e6 for n in sizes]
+    share = [(n * 4 * bound / (ms[n, "manic(adamw_fused, compile=True)"] - ms[n, "adamw_fused"]) / 1e6) / g
+             for n, g in zip(sizes, base_gbps)]
+    at = " / ".join(f"{n / 1e6:.0f}M" for n in sizes)
+    pct = [round(100 * x) for x in share]
+    return "\n".join([
+        "| key | value | what |", "| --- | --- | --- |",
+        f"| `adamw_fused_gbps` | {min(base_gbps):.0f}-{max(base_gbps):.0f} GB/s | fused AdamW's own {base_passes} passes "
+        f"per second at {at} parameters |",
+        f"| `compile_bandwidth` | {' / '.join(f'{x}%' for x in pct)} | `compile=True`'s {bound} passes per second as a "
+        f"share of fused AdamW's, at {at} parameters |",
+        f"| `compile_bandwidth_range` | {min(pct)}-{max(pct)}% | the same, lowest to highest |"])
 
 
 def main(check: bool = False) -> list[str]:
@@ -101,6 +158,10 @@ def main(check: bool = False) -> list[str]:
 
         jobs["run_length_summary.md"] = (lambda p: rl.summary(rl.load(p)), RESULTS / "run_length.csv")
         jobs["run_length_front.md"] = (lambda p: rl.front(rl.load(p)), RESULTS / "run_length.csv")
+        jobs["run_length_numbers.md"] = (lambda p: rl.numbers(rl.load(p)), RESULTS / "run_length.csv")
+        jobs["run_length_versus.md"] = (lambda p: rl.versus_table(rl.load(p)), RESULTS / "run_length.csv")
+    if (RESULTS / "step_overhead.csv").exists():
+        jobs["step_overhead_numbers.md"] = (step_overhead_numbers, RESULTS / "step_overhead.csv")
     for csv_path in sorted(RESULTS.glob("launcher_*.csv")):
         if not csv_path.stem.endswith(("_adamw", "_quick")):
             jobs[f"{csv_path.stem}_summary.md"] = (launcher, csv_path)

@@ -11,8 +11,13 @@ An include block is
     <!-- end include -->
 
 A ``.py`` file is shown as a fenced Python block, anything else (the ``.md`` tables the
-benchmarks write) as it is. So every snippet is a file a test runs, and every number a file a
-benchmark wrote.
+benchmarks write) as it is. A number in a sentence is an inline include, on one line:
+
+    compiled, it runs at <!-- include: benchmarks/results/step_overhead_numbers.md#compile_bandwidth -->50% / 57% / 71%<!-- end include --> of ...
+
+which takes the value of the row whose key is ``compile_bandwidth`` in that file's
+``| key | value | what |`` table (benchmarks/report.py writes these ``*_numbers.md`` files from
+the CSVs). So every snippet is a file a test runs, and every number a file a benchmark wrote.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"(<!-- include: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- end include -->)", re.S)
+BLOCK = re.compile(r"(<!-- include: (?P<path>[^ #]+) -->\n)(?P<body>.*?)(<!-- end include -->)", re.S)
+INLINE = re.compile(r"(<!-- include: (?P<path>[^ #]+)#(?P<key>[^ ]+) -->)(?P<body>[^\n]*?)(<!-- end include -->)")
 
 
 def render(path: str) -> str:
@@ -31,12 +37,26 @@ def render(path: str) -> str:
     return f"```python\n{text}```\n" if path.endswith(".py") else text
 
 
+def values(path: str) -> dict[str, str]:
+    """The ``| `key` | value | what |`` rows of a generated numbers file, as key -> value."""
+    rows = re.findall(r"^\| `([^`]+)` \| ([^|]+?) \|", (ROOT / path).read_text(), re.M)
+    return dict(rows)
+
+
 def sync(doc: Path) -> str:
     text = doc.read_text()
-    for m in BLOCK.finditer(text):
+    for m in [*BLOCK.finditer(text), *INLINE.finditer(text)]:
         if not (ROOT / m["path"]).exists():
             raise SystemExit(f"{doc.relative_to(ROOT)} includes {m['path']}, which does not exist")
-    return BLOCK.sub(lambda m: m.group(1) + render(m["path"]) + m.group(4), text)
+    text = BLOCK.sub(lambda m: m.group(1) + render(m["path"]) + m.group(4), text)
+
+    def value(m: re.Match) -> str:
+        table = values(m["path"])
+        if m["key"] not in table:
+            raise SystemExit(f"{doc.relative_to(ROOT)} includes {m['path']}#{m['key']}, which has no such key")
+        return m.group(1) + table[m["key"]] + m.group(5)
+
+    return INLINE.sub(value, text)
 
 
 def documents() -> list[Path]:
