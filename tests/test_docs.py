@@ -4,10 +4,13 @@ two commands README gives."""
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -77,3 +80,138 @@ def test_ci_runs_exactly_the_readme_commands():
     assert "setup commands" in ci and "README.md" in ci  # it reads them from README, not a copy
     out = subprocess.run(["bash", ".ci/run", "--print"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip().splitlines() == lines, out.stdout + out.stderr
+
+
+RESULTS = ROOT / "benchmarks" / "results"
+NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())}
+POWER = r"1e[-+]?\d+|10|1(?![\d.e])"  # a power of ten as the documents write one: 1e-4, 1e3, 1, 10
+RANGE = re.compile(rf"(?<![\w.])(?P<a>{POWER})\s*(?:\.\.\.|…|to)\s*(?P<b>{POWER})")
+DECADES = re.compile(r"\b(?P<n>\d+|" + "|".join(NUMBER_WORDS) + r")[- ]decades?\b", re.I)
+
+
+def _prose(text: str) -> str:
+    """A document without its include blocks and inline includes (generated text is checked at its source)."""
+    text = re.sub(r"<!-- include: [^ #]+ -->\n.*?<!-- end include -->", "", text, flags=re.S)
+    return re.sub(r"<!-- include: [^ ]+#[^ ]+ -->[^\n]*?<!-- end include -->", "", text)
+
+
+# README.md's "five decades (1e-4 ... 1)" goes with the front-page rewrite (issue 30, item 1): this
+# expected failure turns into a failure (strict) once README is right, so the mark goes with it.
+README_PENDING = pytest.mark.xfail(strict=True, reason="README.md is rewritten separately (issue 30, item 1)")
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=README_PENDING) if p.name == "README.md" else p
+                                  for p in [*DOCS, *sorted((ROOT / "benchmarks").glob("*.py"))]],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_decade_counts_match_their_ranges(path):
+    """"N decades" next to a range (1e-4 ... 1) counts the range: 1e-4 ... 1 is four decades, not five.
+    The nearest range in the same paragraph, within 150 characters, is the one counted."""
+    def gap(r: re.Match, m: re.Match) -> int:
+        return min(abs(r.start() - m.end()), abs(m.start() - r.end()))
+
+    wrong = []
+    for para in re.split(r"\n\s*\n", path.read_text()):
+        ranges = list(RANGE.finditer(para))
+        for m in DECADES.finditer(para):
+            near = [r for r in ranges if gap(r, m) <= 150]
+            if not near:
+                continue
+            r = min(near, key=lambda r: gap(r, m))
+            span = round(abs(math.log10(float(r["b"]) / float(r["a"]))))
+            said = int(m["n"]) if m["n"].isdigit() else NUMBER_WORDS[m["n"].lower()]
+            if said != span:
+                wrong.append(f"{path.relative_to(ROOT)}: '{m.group()}' next to '{r.group()}' ({span} decades)")
+    assert not wrong, wrong
+
+
+def _tables_without_a_blank_line(text: str) -> list[str]:
+    lines = text.splitlines()
+    return [f"line {i + 1}: {lines[i][:60]!r}" for i in range(1, len(lines))
+            if lines[i - 1].lstrip().startswith("|") and lines[i].strip() and not lines[i].lstrip().startswith("|")
+            and not lines[i].startswith("<!--")]
+
+
+def test_tables_end_with_a_blank_line():
+    """A line right after a table renders as one more row of it (run_length_summary.md had one)."""
+    bad = {}
+    for path in [*DOCS, *sorted(RESULTS.glob("*.md"))]:
+        found = _tables_without_a_blank_line(path.read_text())
+        if found:
+            bad[str(path.relative_to(ROOT))] = found
+    assert not bad, bad
+
+
+# Percentages written in prose that are settings, targets or test tolerances, not measurements.
+NOT_MEASURED = {"launcher.md": ["90% train", "10%\nvalidation", "10% validation"], "tuning.md": ["5% of the run"],
+                "options.md": ["within 5%", "within 2%", "within 10%"], "performance.md": ["≤ +3%"]}
+PERCENT = re.compile(r"[-+]?\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)?%")
+
+
+def test_percentages_come_from_the_data():
+    """A measured percentage in prose is an inline include of a generated numbers file
+    (tools/sync_docs.py), or appears in a table a benchmark wrote (benchmarks/results/*.md);
+    "55-70%" against a CSV's 50/57/71% was typed by hand."""
+    written = " ".join(p.read_text() for p in RESULTS.glob("*.md"))
+    loose = []
+    for doc in DOCS:
+        text = _prose(doc.read_text())
+        for phrase in NOT_MEASURED.get(doc.name, []):
+            text = text.replace(phrase, "")
+        loose += [f"{doc.relative_to(ROOT)}: {m.group()}" for m in PERCENT.finditer(text)
+                  if not re.search(rf"(?<![\d.]){re.escape(m.group())}", written)]
+    assert not loose, loose
+
+
+def test_launcher_defaults_are_the_parsers():
+    """docs/launcher.md's option table gives each flag the default `python launch/train.py --help`
+    has: on/off for a switch, the value itself, or words (unset, per variant, ...) where it is None
+    (the table gave `--state` the default ref+delta, which the parser leaves unset)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_launch_config", ROOT / "launch" / "config.py")
+    config = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = config  # dataclasses look their module up while it runs
+    spec.loader.exec_module(config)
+    defaults = {a.option_strings[0]: a.default for a in config.build_parser()._actions if a.option_strings}
+    wrong, seen = [], 0
+    for flag, cell in re.findall(r"^\| `(--[\w-]+)`[^|]* \| ([^|]+?) \|", (ROOT / "docs" / "launcher.md").read_text(), re.M):
+        if flag not in defaults:
+            continue
+        seen += 1
+        default = defaults[flag]
+        if isinstance(default, bool):
+            ok = cell == ("on" if default else "off")
+        elif default is None:
+            ok = cell == "unset" or " " in cell or "/" in cell  # words, not a value
+        elif isinstance(default, (int, float)):
+            ok = re.fullmatch(r"[-+.\deE]+", cell) is not None and float(cell) == default
+        else:
+            ok = cell == str(default)
+        if not ok:
+            wrong.append(f"{flag}: docs say {cell!r}, the parser {default!r}")
+    assert seen > 20 and not wrong, wrong
+
+
+def test_store_delta_is_named_with_the_state_modes():
+    """`state="ref+delta"|"ref"|"delta"` is the name of the state mode and `store_delta` its older
+    spelling: a paragraph (or table) that names `store_delta` also names the mode by `state`
+    (guarantees.md and behaviour.md once described the modes through store_delta alone)."""
+    alone = []
+    for doc in DOCS:
+        for para in re.split(r"\n\s*\n", _prose(doc.read_text())):
+            if re.search(r"\bstore_delta\b", para) and not re.search(r"state=|`state`|ref\+delta|\"ref\"", para):
+                alone.append(f"{doc.relative_to(ROOT)}: {para.strip()[:80]!r}")
+    assert not alone, alone
+
+
+def test_sameness_with_optax_names_the_original_form():
+    """optax implements the authors' update, manic's `variant="original"`, not manic's default: a
+    paragraph that calls something the same as optax's (or matching it) names the original form
+    (comparison.md once called optax "the same algorithm" without it)."""
+    loose = []
+    for doc in DOCS:
+        for para in re.split(r"\n\s*\n", _prose(doc.read_text())):
+            if (re.search(r"optax", para, re.I) and re.search(r"\bthe same\b|\bmatch|\bfollow", para)
+                    and not re.search(r'variant="original"|original (form|update|variant)', para)):
+                loose.append(f"{doc.relative_to(ROOT)}: {para.strip()[:80]!r}")
+    assert not loose, loose
