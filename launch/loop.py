@@ -112,7 +112,8 @@ def train(cfg: Config, rank: int, world: int, device: torch.device, build_optimi
     tokens = cfg.batch_size * cfg.block_size * world
     try:
         for step in range(start, cfg.steps):
-            if parallel.agree(process.STOP.is_set(), device):
+            signum = parallel.agree(process.stop_signal(), device)  # any rank's signal stops them all
+            if signum:
                 if saved is None or rundir.step_of(saved) != step:
                     save(step)
                 if bar is not None:
@@ -121,7 +122,9 @@ def train(cfg: Config, rank: int, world: int, device: torch.device, build_optimi
                     val = "" if last["val_loss"] is None else f", val loss {last['val_loss']:.3f}"
                     print(f"stopped by signal at step {step}{why}{val}, checkpoint at {saved}, "
                           f"resume with: {process.resume_command()}", flush=True)
-                return 0  # a clean, checkpointed stop: torchrun sees every worker succeed
+                # checkpointed, but not finished: every rank (also those the signal did not reach)
+                # exits 128 + the signal, so that every torchrun agent ends at once (process.exit_status)
+                return process.exit_status(signum)
             t0 = time.perf_counter()
             x, y = data.batch("train", cfg.batch_size, cfg.block_size, cfg.seed, step, rank)
             loss = F.cross_entropy(model(x.to(device)).flatten(0, 1), y.to(device).flatten())

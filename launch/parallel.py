@@ -11,13 +11,39 @@ import torch.distributed as dist
 from torch import nn
 
 
+def choose_device(device: str, local_rank: int, local_world: int, cuda_available: bool, gpus: int) -> torch.device:
+    """This process's device for ``--device`` (auto: CUDA if available, else the CPU): ``cuda:LOCAL_RANK``,
+    one GPU per process, or the CPU. Refuses, naming the fix, ``--device cuda`` without CUDA and a node
+    that starts more processes (``local_world``) than it has GPUs: every local rank decides the same
+    from the node's process count, so none goes on to wait for a rank that stopped."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise SystemExit(f"launch/train.py: --device must be auto, cpu or cuda, got {device!r}")
+    if device == "cpu" or (device == "auto" and not cuda_available):
+        return torch.device("cpu")
+    if not cuda_available:
+        raise SystemExit(f"launch/train.py: --device cuda, but torch {torch.__version__} finds no CUDA device; "
+                         "train on the CPU with --device cpu (gloo), or install a CUDA build of torch")
+    if local_world > gpus:
+        raise SystemExit(f"launch/train.py: {local_world} processes on this node but {gpus} CUDA device(s), and "
+                         f"each process takes a GPU of its own (cuda:LOCAL_RANK): start at most {gpus} per node "
+                         f"(torchrun --nproc-per-node {gpus}), or train on the CPU with gloo: --device cpu")
+    return torch.device("cuda", local_rank)
+
+
 def setup(device: str, timeout: float) -> tuple[int, int, torch.device]:
     """Start the process group when launched by torchrun; returns (rank, world size, device)."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+    cuda = torch.cuda.is_available()
+    try:
+        dev = choose_device(device, local_rank, local_world, cuda, torch.cuda.device_count() if cuda else 0)
+    except SystemExit:
+        if local_rank == 0:
+            raise  # the message, once per node
+        raise SystemExit(1) from None
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 or "RANK" in os.environ:
@@ -63,13 +89,14 @@ def wrap(model: nn.Module, mode: str, world: int, device: torch.device) -> nn.Mo
     raise SystemExit(f"unknown --parallel {mode!r}")
 
 
-def agree(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is True on any (one tiny all-reduce)."""
+def agree(value: int, device: torch.device) -> int:
+    """The largest of the ranks' ``value`` on every rank (one tiny all-reduce): e.g. the number of the
+    signal that stopped any of them, 0 if none."""
     if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
+        return value
+    t = torch.tensor([value], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def mean(value: float, device: torch.device) -> float:

@@ -1,5 +1,5 @@
 """The life of one launcher process: the stop flag and its signals, dying with the torchrun agent,
-and the command line that started the run.
+the exit status of a stopped run, and the command line that started the run.
 
 Standard library only: train.py installs the signal handlers before it imports torch.
 """
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 STOP = threading.Event()  # set by SIGTERM / SIGINT; the ranks agree on it at the next step boundary
+_SIGNAL = [0]  # the number of the last of those signals this process received (0: none)
 _PARENT = os.getppid()  # read at import, as early as possible: under torchrun, the agent
 
 
@@ -31,16 +32,31 @@ _PARENT_CMDLINE = _cmdline(_PARENT)  # now, while the parent is surely alive
 
 
 def install_stop_handlers(under_torchrun: bool) -> None:
-    """SIGTERM and SIGINT only set STOP. Under torchrun, the death of the agent (even by
-    ``kill -9``) sends this worker SIGTERM too, so it saves a checkpoint and exits instead of
-    training on as an orphan."""
+    """SIGTERM and SIGINT only set STOP (and note which). Under torchrun, the death of the agent
+    (even by ``kill -9``) sends this worker SIGTERM too, so it saves a checkpoint and exits instead
+    of training on as an orphan."""
     def handler(signum: int, frame: object) -> None:  # noqa: ARG001
+        _SIGNAL[0] = signum
         STOP.set()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     if under_torchrun:
         _die_with_parent()
+
+
+def stop_signal() -> int:
+    """The signal that set STOP in this process (SIGTERM, SIGINT), 0 if none did."""
+    return _SIGNAL[0] if STOP.is_set() else 0
+
+
+def exit_status(signum: int) -> int:
+    """A run stopped by signal ``signum`` has not succeeded: it exits 128 + the signal, as a process
+    killed by it would be reported by a shell. Under torchrun this is what makes every agent end at
+    once: an agent whose workers all exit 0 takes the job for finished and waits in its exit
+    barrier for the other agents, one of which may be dead (kill -9 of a node's agent); a failure
+    stops it without that wait."""
+    return 128 + signum
 
 
 def _die_with_parent() -> None:

@@ -5,9 +5,10 @@
 # Environment: NPROC (default 2), OUT_DIR (default runs/local, relative to the repository root;
 # --out-dir overrides it), OMP_NUM_THREADS (default 1).
 # Signals: SIGTERM or SIGINT (Ctrl-C) to this script go to the workers, which save a checkpoint
-# together and exit 0, so this script exits 0. If this script dies, even by kill -9, torchrun gets
-# SIGTERM (Linux) and stops its workers the same way.
-# Exit status: torchrun's; 1 with one line on stderr if the run is refused before it starts.
+# together and exit 128 + the signal (a stopped run has not finished), and so does this script. If
+# this script dies, even by kill -9, torchrun gets SIGTERM (Linux) and stops its workers the same way.
+# Exit status: torchrun's (0: the run finished); 128 + the signal when a signal to this script
+# stopped the run; 1 with one line on stderr if the run is refused before it starts.
 # Full description: docs/launcher.md
 set -euo pipefail
 nproc="${NPROC:-2}"
@@ -43,15 +44,18 @@ children() { # the pids whose parent is $1
 set +e # errexit would end this script when a trapped signal interrupts the wait below
 agent=""
 stops=0
+sig=0
 stop() { # forward to the workers; before they exist, to torchrun itself
   stops=$((stops + 1))
+  sig=${1:-$sig}
   [ -n "$agent" ] || return 0
   local workers
   workers=$(children "$agent")
   # shellcheck disable=SC2086
   kill -TERM ${workers:-$agent} 2>/dev/null || true
 }
-trap stop TERM INT
+trap 'stop 15' TERM
+trap 'stop 2' INT
 
 # torchrun in its own process group (Ctrl-C reaches only this script, which forwards it), with a
 # parent-death signal (it gets SIGTERM when this script dies).
@@ -78,4 +82,6 @@ while :; do
   rc=$r
   [ "$stops" -eq "$seen" ] && break # not interrupted by a signal: rc is torchrun's
 done
+# stopped by a signal to this script (and not finished after all): 128 + that signal, like the workers
+if [ "$stops" -gt 0 ] && [ "$rc" -ne 0 ]; then exit $((128 + sig)); fi
 exit "$rc"
