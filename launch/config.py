@@ -137,6 +137,8 @@ def parse(argv: list[str] | None = None) -> Config:
         raise SystemExit(f"--optimizer must be adamw, adam or sgd, got {cfg.optimizer!r}")
     if cfg.schedule not in ("cosine", "constant"):
         raise SystemExit(f"--schedule must be cosine or constant, got {cfg.schedule!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise SystemExit(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
     if cfg.keep_last < 0:
         raise SystemExit(f"--keep-last must be 0 (keep all) or more, got {cfg.keep_last}")
     return cfg
