@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import csv
 import io
 import json
@@ -64,6 +65,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import candidates  # noqa: E402
 import suite_tasks  # noqa: E402
 from suite_tasks import HALF, HALVES, warmup_cosine  # noqa: E402
 
@@ -78,6 +80,9 @@ MANIC: dict[str, dict[str, Any] | Callable[[list[torch.Tensor]], torch.optim.Opt
     "manic": {},
     "manic_lr1e-3": {"base_lr": 1e-3},
 }
+# the non-greedy candidates of benchmarks/candidates.py (a research prototype): run only when named
+CANDIDATES = {f"cand_{name}": functools.partial(candidates.Candidate, kind=kind, **knobs)
+              for name, (kind, knobs) in candidates.CANDIDATES.items()}
 SCHEDULEFREE_LR = 0.0025
 PEER_SETTINGS = {
     "prodigy": "prodigyopt.Prodigy(params, lr=1.0, weight_decay=0.01, safeguard_warmup=True, "
@@ -116,6 +121,8 @@ def build(method: str, params: list[torch.Tensor], steps: int, lr: float | None,
         return torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY), lr, True
     if spec is None and method in MANIC:
         spec = MANIC[method]
+    if spec is None and method in CANDIDATES:
+        spec = CANDIDATES[method]
     if spec is not None:
         if callable(spec):
             opt = spec(params)
@@ -377,7 +384,7 @@ def main() -> None:
         MANIC[name] = json.loads(kw or "{}")
     specs = {m: MANIC[m] for m in MANIC if isinstance(MANIC[m], dict)}
     chosen = args.methods or methods()
-    unknown = [m for m in chosen if m not in methods()]
+    unknown = [m for m in chosen if m not in methods() and m not in CANDIDATES]
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {methods()}")
     if args.quick:
