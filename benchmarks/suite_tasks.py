@@ -265,7 +265,9 @@ def pretrained(seed: int) -> nn.Module:
 def _pretrained(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     model = GPT(PROSE_CFG)
-    path = CACHE / f"finetune_pretrain_L{PROSE_CFG.n_layer}_d{PROSE_CFG.n_embd}_T{PRETRAIN_STEPS}_seed{seed}.pt"
+    c = PROSE_CFG  # every setting of the pretraining is in the name: a changed setting never reads a stale model
+    path = CACHE / (f"finetune_pretrain_L{c.n_layer}_d{c.n_embd}_h{c.n_head}_ctx{c.block_size}_b{PROSE_BATCH}_"
+                    f"T{PRETRAIN_STEPS}_lr{PRETRAIN_LR:g}_seed{seed}.pt")
     if path.exists():
         model.load_state_dict(torch.load(path))
         return model
