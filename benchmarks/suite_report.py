@@ -279,8 +279,9 @@ def plot(rows: list[dict], path: Path) -> None:
     halves = [h for h in suite_tasks.HALVES if any(r["half"] == h for r in rows)]
     methods = _order(rows)
     plt.rcParams.update({"font.size": 13})
+    cap = 10.0
     fig, axes = plt.subplots(2, len(halves), figsize=(4.6 * len(halves) if len(halves) > 1 else 7, 8.2),
-                             squeeze=False, sharex=True)
+                             squeeze=False)
     cmap = plt.get_cmap("tab10")
     handles = {}
     for j, half in enumerate(halves):
@@ -289,7 +290,7 @@ def plot(rows: list[dict], path: Path) -> None:
         for i, (label, agg) in enumerate((("mean", lambda v: sum(v) / len(v)), ("worst", max))):
             ax = axes[i][j]
             ax.axhline(1.0, color="black", lw=1.5)
-            top, bottom = 1.05, 0.98
+            top, bottom = 1.1, 0.97
             for m_i, method in enumerate(methods):
                 xs, ys = [], []
                 for n in lengths:
@@ -299,20 +300,24 @@ def plot(rows: list[dict], path: Path) -> None:
                         ys.append(agg(v))
                 if not xs:
                     continue
-                shown = [min(y, 2.5) for y in ys]
-                top, bottom = max(top, max(shown)), min(bottom, min(shown) - 0.02)
+                shown = [min(y, cap) for y in ys]
+                top, bottom = max(top, max(shown)), min(bottom, min(shown) * 0.97)
                 style = "-o" if method.startswith("manic") else "--s"
                 line, = ax.plot(xs, shown, style, color=cmap(m_i % 10), lw=2, ms=6, label=method)
                 handles[method] = line
             ax.set_xscale("log")
+            ax.set_yscale("log")
             ax.set_xticks(lengths)
             ax.set_xticklabels([str(n) for n in lengths])
+            ax.set_ylim(bottom, top * 1.08)
+            ticks = [t for t in (1, 1.2, 1.5, 2, 3, 5, 10) if bottom <= t <= top * 1.08]
+            ax.set_yticks(ticks)
+            ax.set_yticklabels([f"{t:g}" for t in ticks])
             ax.minorticks_off()
-            ax.set_ylim(bottom, top * 1.03)
             ax.set_title(f"{half} half: {label} over tasks")
             ax.grid(alpha=0.3)
             if j == 0:
-                ax.set_ylabel("val loss / best AdamW's (cap 2.5)")
+                ax.set_ylabel(f"val loss / best AdamW's (cap {cap:g})")
             if i == 1:
                 ax.set_xlabel("run length (steps)")
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)), frameon=False)
