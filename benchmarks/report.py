@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import csv
 import math
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -146,7 +147,130 @@ def step_overhead_numbers(path: Path) -> str:
         f"per second at {at} parameters |",
         f"| `compile_bandwidth` | {' / '.join(f'{x}%' for x in pct)} | `compile=True`'s {bound} passes per second as a "
         f"share of fused AdamW's, at {at} parameters |",
-        f"| `compile_bandwidth_range` | {min(pct)}-{max(pct)}% | the same, lowest to highest |"])
+        f"| `compile_bandwidth_range` | {min(pct)}-{max(pct)}% | the same, lowest to highest |",
+        *_step_ratios(ms)])
+
+
+def _step_ratios(ms: dict[tuple[int, str], float]) -> list[str]:
+    """``| key | value | what |`` rows: a method's step time over its base optimizer's alone, lowest to highest
+    over the model sizes measured (README's cost)."""
+    def span(method: str, base: str, least: float = 0) -> tuple[str, str]:
+        sizes = sorted(n for n, m in ms if m == method and n >= least and (n, base) in ms)
+        xs = [ms[n, method] / ms[n, base] for n in sizes]
+        return f"{min(xs):.1f}-{max(xs):.1f}x", " / ".join(f"{n / 1e6:.0f}M" for n in sizes)
+
+    rows = []
+    for key, method, base, least, what in [
+            ("default_x_fused", "manic(adamw_fused)", "adamw_fused", 0, "the default (eager) step over fused AdamW's"),
+            ("default_x_foreach", "manic(adamw_foreach)", "adamw_foreach", 0,
+             "the default (eager) step over foreach AdamW's (torch's default AdamW)"),
+            ("compile_x_fused", "manic(adamw_fused, compile=True)", "adamw_fused", 5e6,
+             "the `compile=True` step over fused AdamW's"),
+            ("mechanic_pytorch_x_fused", "mechanic-pytorch(adamw_fused)", "adamw_fused", 0,
+             "mechanic-pytorch's step over fused AdamW's")]:
+        if any(m == method for _, m in ms):
+            value, at = span(method, base, least)
+            rows.append(f"| `{key}` | {value} | {what}, lowest to highest over {at} parameters |")
+    return rows
+
+
+def _md_rows(path: Path) -> dict[str, list[str]]:
+    """The first column -> the other cells, of every table row in a markdown file a benchmark wrote."""
+    out = {}
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and not line.startswith("| ---") and cells[0] not in out:
+            out[cells[0]] = cells[1:]
+    return out
+
+
+def memory_numbers(path: Path) -> str:
+    """Numbers README quotes about memory, from memory.md's one-process table: the extra bytes over plain
+    AdamW as a multiple of the parameters' bytes, persistent (optimizer state) and at the peak."""
+    rows = _md_rows(path)
+    out = ["| key | value | what |", "| --- | --- | --- |"]
+    for key, method, what in [("default", "manic", "the default `state=\"ref+delta\"`"),
+                              ("delta", "manic_delta", "`state=\"delta\"` (one buffer)"),
+                              ("ref", "manic_recompute", "`state=\"ref\"`"),
+                              ("mechanic_pytorch", "mechanic_pytorch", "mechanic-pytorch"),
+                              ("prodigy", "prodigy", "Prodigy"), ("dadapt_adam", "dadapt_adam", "D-Adaptation Adam")]:
+        if method in rows:
+            persistent, peak = rows[method][1], rows[method][3]
+            out.append(f"| `{key}/persistent` | {persistent}x | {what}: persistent state over plain AdamW's, x the "
+                       "parameters' bytes |")
+            out.append(f"| `{key}/peak` | {peak}x | {what}: peak memory over plain AdamW's, x the parameters' bytes |")
+    return "\n".join(out)
+
+
+def train_overhead_numbers(path: Path) -> str:
+    """Numbers README quotes about a full training step (forward, backward, step), from train_overhead.md."""
+    rows = _md_rows(path)
+    model = path.read_text().split(" parameters", 1)[0] + " parameters"  # "Launcher GPT, 0.88M parameters"
+    out = ["| key | value | what |", "| --- | --- | --- |"]
+    if "manic(adamw)" in rows:
+        out.append(f"| `default` | {rows['manic(adamw)'][1]} | a full training step with the default manic over "
+                   f"AdamW's ({model}) |")
+    if "manic(adamw, compile=True)" in rows:
+        out.append(f"| `compile` | {rows['manic(adamw, compile=True)'][1]} | the same with `compile=True` |")
+    return "\n".join(out)
+
+
+SUITE_PEERS = {"prodigy": "Prodigy", "schedulefree": "schedule-free AdamW", "mechanic_pytorch": "mechanic-pytorch",
+               "dadapt": "D-Adaptation Adam"}
+
+
+def suite_numbers(path: Path) -> str:
+    """Numbers README quotes about a half of the generalisation suite, from its report (suite_dev.md, written by
+    benchmarks/suite_report.py): per method, the mean and the worst ratio over the half's tasks at each run length,
+    and the peers whose mean is below manic's default."""
+    text = path.read_text()
+    half = path.stem.split("_")[1]
+    if "## Summary" not in text or "## Per task" not in text:
+        raise SystemExit(f"{path.name} has no '## Summary' or '## Per task' section, which benchmarks/report.py's "
+                         "suite_numbers reads (README quotes them)")
+    summary = text.split("## Summary", 1)[1].split("## ", 1)[0]
+    header = next(line for line in summary.splitlines() if line.startswith("| method |"))
+    lengths = [c.strip().split()[0] for c in header.strip("|").split("|")[1:]]
+    rows: dict[str, list[str]] = {}
+    for line in summary.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] not in ("method", "---"):
+            rows[cells[0]] = cells[1:]
+    per_task = text.split("## Per task", 1)[1].split("## ", 1)[0]
+    tasks = re.findall(r"^\*\*(\w[\w.-]*)\*\*$", per_task, re.M)
+    seeds = re.search(r"seeds ((?:\d+, )+)[\d.]+ CPU hours", text)  # "seeds 0, 1, 0.50 CPU hours"
+    at = " / ".join(lengths)
+    out = ["| key | value | what |", "| --- | --- | --- |",
+           f"| `{half}/lengths` | {at} | the run lengths (steps) |",
+           f"| `{half}/tasks` | {len(tasks)} | tasks in the {half} half: {', '.join(tasks)} |"]
+    if seeds:
+        out.append(f"| `{half}/seeds` | {len(seeds.group(1).split(', ')) - 1} | seeds per cell |")
+    means = {}
+    for method in ["manic", *SUITE_PEERS]:
+        if method not in rows:
+            continue
+        worst = [c.split(" / ")[0] if c else "" for c in rows[method]]
+        mean = [c.split(" / ")[1].split(" (")[0] if " / " in c else "" for c in rows[method]]
+        means[method] = mean
+        label = SUITE_PEERS.get(method, "manic (default)")
+        out.append(f"| `{half}/{method}/mean` | {' / '.join(mean)} | {label}: mean ratio to best-tuned AdamW over the "
+                   f"tasks at {at} steps |")
+        out.append(f"| `{half}/{method}/worst` | {' / '.join(worst)} | {label}: worst ratio over the tasks (which task) "
+                   f"at {at} steps |")
+    if "manic" in means:
+        def ratio(v: str) -> float:
+            return float(v.rstrip("x")) if v.endswith("x") else math.inf
+
+        lower = []
+        for method, label in SUITE_PEERS.items():
+            ns = [n for n, a, b in zip(lengths, means["manic"], means.get(method, [])) if a and b and ratio(b) < ratio(a)]
+            if ns:
+                lower.append(f"{label} at " + ("every length" if len(ns) == len(lengths) else
+                                               (ns[0] if len(ns) == 1 else ", ".join(ns[:-1]) + " and " + ns[-1])
+                                               + " steps"))
+        out.append(f"| `{half}/manic/peers_lower` | {'; '.join(lower) or 'none'} | the peers whose mean ratio over "
+                   "the tasks is below manic's default, and where |")
+    return "\n".join(out)
 
 
 def main(check: bool = False) -> list[str]:
@@ -162,6 +286,12 @@ def main(check: bool = False) -> list[str]:
         jobs["run_length_versus.md"] = (lambda p: rl.versus_table(rl.load(p)), RESULTS / "run_length.csv")
     if (RESULTS / "step_overhead.csv").exists():
         jobs["step_overhead_numbers.md"] = (step_overhead_numbers, RESULTS / "step_overhead.csv")
+    if (RESULTS / "memory.md").exists():
+        jobs["memory_numbers.md"] = (memory_numbers, RESULTS / "memory.md")
+    if (RESULTS / "train_overhead.md").exists():
+        jobs["train_overhead_numbers.md"] = (train_overhead_numbers, RESULTS / "train_overhead.md")
+    if (RESULTS / "suite_dev.md").exists():
+        jobs["suite_dev_numbers.md"] = (suite_numbers, RESULTS / "suite_dev.md")
     for csv_path in sorted(RESULTS.glob("launcher_*.csv")):
         if not csv_path.stem.endswith(("_adamw", "_quick")):
             jobs[f"{csv_path.stem}_summary.md"] = (launcher, csv_path)

@@ -278,6 +278,16 @@ def numbers(rows: list[dict]) -> str:
             if words:
                 out.append(f"| `{task}/manic/vs/{peer}` | {words} | the default against {LABELS[peer]}: worst "
                            "ratios compared beyond the larger seed spread |")
+        lower = []
+        for peer in PEERS:
+            ns = [n for n in lengths if (a := worst(c, task, n, "manic")) and (b := worst(c, task, n, peer))
+                  and b[0] < a[0]]
+            if ns:
+                lower.append(f"{LABELS[peer]} at " + ("every length" if len(ns) == len(lengths)
+                                                      else _and([str(n) for n in ns]) + " steps"))
+        if any(r["method"] in PEERS and r["task"] == task for r in rows):
+            out.append(f"| `{task}/manic/peers_lower` | {'; '.join(lower) or 'none'} | the peers whose worst ratio "
+                       "(seed mean) is below the default's, by any margin, and where |")
         default = [(n, over_lrs(c, task, n, "manic")) for n in lengths]
         moves = [max(v["ratio"] for v in cs) - min(v["ratio"] for v in cs) for _, cs in default if cs]
         spreads = [v["spread"] for _, cs in default for v in cs]
