@@ -246,13 +246,15 @@ def suite_numbers(path: Path) -> str:
     if seeds:
         out.append(f"| `{half}/seeds` | {len(seeds.group(1).split(', ')) - 1} | seeds per cell |")
     means = {}
-    for method in ["manic", *SUITE_PEERS]:
+    for method in ["manic", *SUITE_PEERS, *sorted(m for m in rows if m.startswith("cand_"))]:
         if method not in rows:
             continue
         worst = [c.split(" / ")[0] if c else "" for c in rows[method]]
         mean = [c.split(" / ")[1].split(" (")[0] if " / " in c else "" for c in rows[method]]
-        means[method] = mean
-        label = SUITE_PEERS.get(method, "manic (default)")
+        if not method.startswith("cand_"):
+            means[method] = mean
+        label = SUITE_PEERS.get(method, "manic (default)" if method == "manic" else
+                                f"candidate {method[len('cand_'):]} (benchmarks/candidates.py)")
         out.append(f"| `{half}/{method}/mean` | {' / '.join(mean)} | {label}: mean ratio to best-tuned AdamW over the "
                    f"tasks at {at} steps |")
         out.append(f"| `{half}/{method}/worst` | {' / '.join(worst)} | {label}: worst ratio over the tasks (which task) "
