@@ -211,7 +211,7 @@ def diag_summary(rows: list[dict], tasks: list[str], lengths: list[int]) -> list
     return out
 
 
-def settings(half: str) -> list[str]:
+def settings(half: str, present: list[str]) -> list[str]:
     import suite
     import suite_tasks
 
@@ -229,6 +229,10 @@ def settings(half: str) -> list[str]:
         else:
             out.append(f"- `{name}`: {getattr(spec, '__doc__', None) or 'a callable building the optimizer'}")
     out += [f"- `{name}`: {text}" for name, text in suite.PEER_SETTINGS.items()]
+    others = [m for m in present if m not in ("adamw", *suite.MANIC, *suite.PEER_SETTINGS)]
+    if others:
+        out.append(f"- {', '.join(f'`{m}`' for m in others)}: run by name, defined outside suite.MANIC and "
+                   "suite.PEER_SETTINGS (see benchmarks/suite.py's imports)")
     out += ["", f"Tasks of the {half} half (benchmarks/suite_tasks.py):", ""]
     out += [f"- `{n}`: {suite_tasks.ABOUT[n]}" for n in suite_tasks.HALVES[half]]
     return out
@@ -249,10 +253,10 @@ def half_report(rows: list[dict], half: str, command: str) -> str:
            "`div`: a run diverged (final val loss not finite or above its step-0 loss).", "",
            "## Summary", "",
            "Per method and run length: the worst ratio over the tasks (which task) / the mean ratio over the tasks.",
-           "", *summary_table(rows, tasks, lengths), "", "## Per task", "",
+           "", *summary_table(mine, tasks, lengths), "", "## Per task", "",
            "Seed-mean ratio ± the spread between seeds.", ""]
     for t in tasks:
-        out += [f"**{t}**", "", *task_table(rows, t, lengths), ""]
+        out += [f"**{t}**", "", *task_table(mine, t, lengths), ""]
     if manic_methods(mine):
         out += ["## Mechanic's scale against the greedy oracle and the best AdamW lr", "",
                 "Every lr here is a peak lr (the scale times the base lr, before the schedule's factor), comparable "
@@ -260,11 +264,11 @@ def half_report(rows: list[dict], half: str, command: str) -> str:
                 "4 fixed train batches along Mechanic's line x_ref + S'·Delta (log grid 2^k around S, then quarter "
                 "octaves around the best; `!`: argmin at 2^±12, the grid's end). Short-horizon hypothesis: S tracks the oracle's S' and both sit well below "
                 "the best AdamW lr.", "",
-                "Medians over tasks and seeds:", "", *diag_summary(rows, tasks, lengths), "",
+                "Medians over tasks and seeds:", "", *diag_summary(mine, tasks, lengths), "",
                 "Per task (geometric means over seeds):", ""]
         for t in tasks:
-            out += [f"**{t}**", "", *diag_table(rows, t, lengths), ""]
-    out += ["## Settings", "", *settings(half)]
+            out += [f"**{t}**", "", *diag_table(mine, t, lengths), ""]
+    out += ["## Settings", "", *settings(half, sorted({r["method"] for r in mine}))]
     return "\n".join(out).rstrip("\n") + "\n"
 
 
@@ -292,6 +296,8 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.axhline(1.0, color="black", lw=1.5)
             top, bottom = 1.1, 0.97
             for m_i, method in enumerate(methods):
+                if not any(k[0] in tasks and k[2] == method for k in c):
+                    continue
                 xs, ys = [], []
                 for n in lengths:
                     v = [c[(t, n, method)]["ratio"] for t in tasks if (t, n, method) in c]
