@@ -38,27 +38,42 @@ def test_compiled_model_trains_like_eager(variant):
         torch.testing.assert_close(a, b, rtol=rel, atol=rel / 10)
 
 
+def _eager_and_compiled(seed, target, make, steps, between=None, scale=torch.Tensor.item):
+    """For compiled False, then True: ``make(model, compiled) -> (opt, step)`` on a fresh float64
+    Linear-Tanh-Linear model (torch seed 0), trained full batch on 32 samples (generator ``seed``) towards
+    ``target(X)``, ``between(step, model, opt)`` before each step. Returns, per run, (``scale(opt.scale)``
+    after each step, the final parameters)."""
+    X = torch.randn(32, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    y = target(X)
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
+        opt, step = make(model, compiled)
+        scales = []
+        for t in range(steps):
+            if between is not None:
+                between(t, model, opt)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(X), y).backward()
+            step()
+            scales.append(scale(opt.scale))
+        runs.append((scales, [p.detach().clone() for p in model.parameters()]))
+    return runs
+
+
 @pytest.mark.timeout(600)
 def test_user_compiled_step_follows_eager():
     """torch.compile(opt.step), torch's documented way to speed up an optimizer step, gives the eager
     trajectory: Mechanic's step traces (with graph breaks at its host-side bookkeeping) and computes
     the same float64 values. (SGD with momentum as the base: torch's compiled AdamW itself differs from
     its eager form by ~1e-5 in float64, which would hide Mechanic's part.)"""
-    X = torch.randn(32, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    y = X[:, :1].sin()
-    runs = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
+
+    def make(model, compiled):
         opt = manic.mechanize(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
-        step = torch.compile(opt.step) if compiled else opt.step
-        scales = []
-        for _ in range(12):
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(X), y).backward()
-            step()
-            scales.append(opt.scale.item())
-        runs.append((scales, [p.detach().clone() for p in model.parameters()]))
+        return opt, torch.compile(opt.step) if compiled else opt.step
+
+    runs = _eager_and_compiled(1, lambda X: X[:, :1].sin(), make, 12)
     (s_eager, p_eager), (s_comp, p_comp) = runs
     assert s_eager[-1] > 10 * s_eager[0]  # the scale moved
     assert s_comp == pytest.approx(s_eager, rel=1e-12)
@@ -101,27 +116,21 @@ def test_compiled_step_follows_eager_through_changes_between_steps(state, per_gr
     from manic import kernels
 
     monkeypatch.setattr(kernels, "SMALL", 0)  # (these tensors are small: compile them all)
-    X = torch.randn(32, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    y = X[:, :1].cos()
-    runs = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
+
+    def make(model, compiled):
         groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.05}]
         opt = manic.mechanize(torch.optim.SGD(groups, lr=0.1, momentum=0.9), compile=compiled, state=state,
                               per_group=per_group, weight_decay=0.1)
-        scales = []
-        for step in range(8):
-            if step == 4:
-                with torch.no_grad():
-                    model[0].weight.mul_(1.01)  # a change between steps
-            if step == 6:
-                opt.load_state_dict(opt.state_dict())  # Mechanic's buffers replaced
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(X), y).backward()
-            opt.step()
-            scales.append(opt.scale.clone())
-        runs.append((scales, [p.detach().clone() for p in model.parameters()]))
+        return opt, opt.step
+
+    def between(step, model, opt):
+        if step == 4:
+            with torch.no_grad():
+                model[0].weight.mul_(1.01)  # a change between steps
+        if step == 6:
+            opt.load_state_dict(opt.state_dict())  # Mechanic's buffers replaced
+
+    runs = _eager_and_compiled(2, lambda X: X[:, :1].cos(), make, 8, between, torch.Tensor.clone)
     (s_eager, p_eager), (s_comp, p_comp) = runs
     for a, b in zip(s_comp, s_eager):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)

@@ -171,22 +171,31 @@ def test_partial_sums_dots_in_tuner_dtype():
 
 
 # --------------------------------------------------------------------------- rebase (store_delta=True)
-def rebase_inputs(kind: str, seed: int, ok: bool):
+def _start(kind: str, seed: int):
+    """(generator, specs, S_old, S_new, x_ref per tensor) of a rebase's inputs."""
     gen = torch.Generator().manual_seed(seed)
     sp = specs(kind)
-    dtype = TUNER[kind]
-    S_old, S_new = torch.tensor(0.3, dtype=dtype), torch.tensor(0.45, dtype=dtype)
-    refs = [rand(s.shape, gen).to(s.ref) for s in sp]
+    S_old, S_new = torch.tensor(0.3, dtype=TUNER[kind]), torch.tensor(0.45, dtype=TUNER[kind])
+    return gen, sp, S_old, S_new, [rand(s.shape, gen).to(s.ref) for s in sp]
+
+
+def rebase_inputs(kind: str, seed: int, ok: bool):
+    gen, sp, S_old, S_new, refs = _start(kind, seed)
     ds = [(0.2 * rand(s.shape, gen)).to(s.d) for s in sp]
     us = [0.01 * rand(s.shape, gen) for s in sp]
     # x_after = x_ref + S_old * Delta + u (the base step's result), rounded to the parameter's dtype
     xs = [(r.double() + S_old.double() * d.double() + u).to(s.x) for r, d, u, s in zip(refs, ds, us, sp)]
     if not ok:  # a skipped step may have left garbage in the parameters: it must not leak
-        for x in xs:
-            if x.numel() >= 2:
-                x.view(-1)[0] = float("nan")
-                x.view(-1)[1] = float("inf")
+        _garbage(xs, float("inf"))
     return sp, xs, refs, ds, S_old, S_new, torch.tensor(ok)
+
+
+def _garbage(xs: list[torch.Tensor], second: float) -> None:
+    """NaN and ``second`` in the first two elements of each tensor that has them."""
+    for x in xs:
+        if x.numel() >= 2:
+            x.view(-1)[0] = float("nan")
+            x.view(-1)[1] = second
 
 
 def rebase64(xs, refs, ds, S_old, S_new, ok):
@@ -210,7 +219,7 @@ def run_rebase(fn, xs, refs, ds, S_old, S_new, ok):
     ids_x, ids_d = [t.data_ptr() for t in xs], [t.data_ptr() for t in ds]
     refs_before = [t.clone() for t in refs]
     out = fn(xs, refs, ds, S_old, S_new, ok)
-    assert out is None or out == [None] * len(xs)  # (the sums of what was written only when asked for)
+    assert out is None or out == [None] * len(xs)  # (a rebase returns nothing, eager or fused)
     # in place: the same storage, dtypes kept; the references untouched
     assert [t.data_ptr() for t in xs] == ids_x and [t.data_ptr() for t in ds] == ids_d
     for a, b in zip(refs, refs_before):
@@ -253,20 +262,13 @@ def test_rebase_exact_small_case(fn):
 
 # --------------------------------------------------------------------------- rebase (store_delta=False)
 def recompute_inputs(kind: str, seed: int, ok: bool):
-    gen = torch.Generator().manual_seed(seed)
-    sp = specs(kind)
-    dtype = TUNER[kind]
-    S_old, S_new = torch.tensor(0.3, dtype=dtype), torch.tensor(0.45, dtype=dtype)
-    refs = [rand(s.shape, gen).to(s.ref) for s in sp]
+    gen, sp, S_old, S_new, refs = _start(kind, seed)
     x_t = [(r.double() + S_old.double() * 0.2 * rand(s.shape, gen)).to(s.x) for r, s in zip(refs, sp)]
     # diffs = x_t - x_ref as the engine forms them (foreach_sub: float32 for bf16 with a float32 reference)
     diffs = [torch.sub(x, r) for x, r in zip(x_t, refs)]
     xs = [(x.double() + 0.01 * rand(s.shape, gen)).to(s.x) for x, s in zip(x_t, sp)]  # x_after
     if not ok:
-        for x in xs:
-            if x.numel() >= 2:
-                x.view(-1)[0] = float("nan")
-                x.view(-1)[1] = float("-inf")
+        _garbage(xs, float("-inf"))
     return sp, xs, refs, diffs, S_old, S_new, torch.tensor(ok)
 
 

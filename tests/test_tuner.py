@@ -13,10 +13,10 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from manic import tuner
 from manic.options import Hyper
+from manic.testing import Count  # host syncs
 from manic.tuner import TunerState
 
 F64 = torch.float64
@@ -58,21 +58,8 @@ def check(st: TunerState, r, m, v, s, step, skipped) -> None:
     assert st.step.dtype == torch.int64 and st.skipped.dtype == torch.int64
 
 
-class Syncs(TorchDispatchMode):
-    """Counts host syncs (item(), bool(), ... all dispatch to _local_scalar_dense)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
-
-
 def update(st, sm, hyper, b):
-    with Syncs() as mode:
+    with Count() as mode:
         out = tuner.update(st, sm, hyper, b)
     assert mode.syncs == 0
     return out

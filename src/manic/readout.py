@@ -3,7 +3,7 @@ both public faces (``Mechanized`` and ``Mechanic``) and by the framework integra
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -12,23 +12,10 @@ from .options import Options
 from .tuner import Resolved, of_group
 
 
-class Readable(Protocol):
-    """What a readout reads of its engine (engine.Engine)."""
-
-    optimizer: torch.optim.Optimizer
-    options: Options
-    hyper: Resolved
-
-    @property
-    def scale(self) -> Tensor: ...
-
-    def stats(self) -> dict[str, Tensor]: ...
-
-
 class TunerReadout:
     """What both user-facing forms expose of their engine."""
 
-    _engine: Readable
+    _engine: Any  # the engine.Engine behind this face (engine_of finds it; not imported here: engine.py imports this)
 
     @property
     def hyper(self) -> Resolved:

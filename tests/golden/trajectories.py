@@ -4,32 +4,24 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: nets.py
+from nets import MLP  # noqa: E402
 
 STEPS, LR = 12, 0.05
 VARIANTS = ("invariant", "original")
 STATES = ("ref+delta", "ref", "delta")
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(4, 6)
-        self.fc2 = nn.Linear(6, 6)
-        self.fc3 = nn.Linear(6, 2)
-        self.gain = nn.Parameter(torch.tensor([0.7, -0.4, 0.9]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.fc2(torch.tanh(self.fc1(x))))
-        return self.fc3(h) * self.gain[:2] + self.gain[2]
-
-
-def make_net(dtype: torch.dtype = torch.float64, seed: int = 0) -> Net:
+def make_net(dtype: torch.dtype = torch.float64, seed: int = 0) -> MLP:
     torch.manual_seed(seed)
-    return Net().to(dtype)
+    return MLP((4, 6, 6, 2)).to(dtype)
 
 
 def data(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +30,7 @@ def data(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor
     return X.to(dtype), torch.stack([X[:, 0].sin(), X[:, 1] * X[:, 2]], dim=1)
 
 
-def groups(model: Net) -> list[dict[str, Any]]:
+def groups(model: MLP) -> list[dict[str, Any]]:
     return [{"params": list(model.fc1.parameters())},
             {"params": list(model.fc2.parameters()), "lr": LR / 2, "weight_decay": 0.0},
             {"params": [*model.fc3.parameters(), model.gain], "lr": 2 * LR}]
@@ -186,7 +178,7 @@ def single() -> dict[str, dict]:
     return out
 
 
-def _shard(model: Net) -> None:
+def _shard(model: MLP) -> None:
     from torch.distributed.fsdp import fully_shard
 
     for layer in (model.fc1, model.fc2, model.fc3):
