@@ -1,4 +1,5 @@
-"""A training step with a torch.compile'd model under manic (CPU)."""
+"""torch.compile and compile=True on the CPU: a compiled model, a compiled ``opt.step`` and the compiled kernels
+follow the eager step."""
 
 from __future__ import annotations
 
