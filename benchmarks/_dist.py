@@ -1,5 +1,5 @@
-"""Shared by the distributed benchmarks: start ranks (manic.testing), build a model, count
-what a step sends."""
+"""Shared by the distributed benchmarks: start ranks (manic.testing, which also counts what a step
+sends), build a model, wrap it in a parallel form."""
 
 from __future__ import annotations
 
@@ -7,29 +7,10 @@ import sys
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from manic import testing as harness  # forkserver ranks, gloo, a hard timeout
 
 run = harness.run
-
-
-class Collectives(TorchDispatchMode):
-    """Counts collectives issued inside the block and the bytes of their tensor arguments."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
-            self.count += 1
-            for a in list(args) + list((kwargs or {}).values()):
-                for t in a if isinstance(a, (list, tuple)) else [a]:
-                    if isinstance(t, torch.Tensor):
-                        self.bytes += t.numel() * t.element_size()
-        return func(*args, **(kwargs or {}))
 
 
 def width(n_params: float) -> int:

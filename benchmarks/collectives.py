@@ -21,35 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import manic
+from manic.testing import Count  # the collectives and their bytes
 import _dist  # benchmarks/_dist.py: the tests' rank launcher (forkserver, gloo, TCPStore on port 0), mlp, wrap
 
 SETUPS = [("ddp", 2), ("fsdp2", 2), ("hsdp", 4), ("fsdp1", 2), ("fsdp2", 4), ("tp", 2)]
 QUICK_SETUPS = [("ddp", 2), ("fsdp2", 2)]
-NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
-
-
-class Collectives(TorchDispatchMode):
-    """Counts the collectives dispatched inside the block, the bytes of their tensor arguments,
-    and which ops they were."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.bytes = 0
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if func.namespace in NAMESPACES:
-            self.count += 1
-            self.ops[func.overloadpacket.__name__] += 1
-            for a in list(args) + list((kwargs or {}).values()):
-                for t in a if isinstance(a, (list, tuple)) else [a]:
-                    if isinstance(t, torch.Tensor):
-                        self.bytes += t.numel() * t.element_size()
-        return func(*args, **(kwargs or {}))
 
 
 def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
@@ -60,15 +38,15 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
     ops: Counter[str] = Counter()
     for i in range(steps + 1):
         opt.zero_grad()
-        with Collectives() as fb:
+        with Count() as fb:
             model(x).square().mean().backward()
-        with Collectives() as c:
+        with Count() as c:
             opt.step()
         if i == 0:
             continue
-        steps_seen.append((c.count, c.bytes))
-        fwd_bwd.append((fb.count, fb.bytes))
-        ops = c.ops
+        steps_seen.append((c.collectives, c.bytes))
+        fwd_bwd.append((fb.collectives, fb.bytes))
+        ops = Counter(name.split(".")[1] for name in c.names)  # c10d.allreduce_.default: allreduce_
     return steps_seen, fwd_bwd, ops
 
 

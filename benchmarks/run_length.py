@@ -50,6 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lr_sweep  # noqa: E402
+import report  # noqa: E402
 import run_length_report  # noqa: E402
 from run_length_report import load  # noqa: E402
 
@@ -266,6 +267,7 @@ def main() -> None:
         print(run_length_report.front(load(path)))
     else:
         run_length_report.write(load(path), path.parent)
+        report.main()  # the tables
 
 
 if __name__ == "__main__":

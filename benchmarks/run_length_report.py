@@ -1,6 +1,7 @@
 """Tables and figures of the run-length study, from benchmarks/results/run_length.csv.
 
-    python benchmarks/run_length_report.py      (also run by benchmarks/run_length.py and tools/sync_docs.py)
+    python benchmarks/run_length_report.py      (the figures; also run by benchmarks/run_length.py. The
+                                                tables: benchmarks/report.py, which reads them from here)
 
 A ratio is a run's final validation loss over the best-tuned AdamW's of the same task, run length
 and seed (the best of AdamW's lr grid); a ratio is averaged over seeds, and the spread is the
@@ -452,13 +453,11 @@ def front_figure(rows: list[dict], out: Path, cap: float = 3.0) -> None:
 
 
 def write(rows: list[dict], out: Path = RESULTS) -> None:
-    """Draw the figures; the tables are written by benchmarks/report.py (also run by tools/sync_docs.py)."""
+    """Draw the figures (the tables: benchmarks/report.py, also run by tools/sync_docs.py)."""
     plot(rows, out)
-    import report
-
-    report.main()
 
 
 if __name__ == "__main__":
-    write(load(RESULTS / "run_length.csv"))
-    print((RESULTS / "run_length_summary.md").read_text())
+    rows = load(RESULTS / "run_length.csv")
+    write(rows)
+    print(summary(rows))

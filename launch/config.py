@@ -4,9 +4,10 @@ come from ``manic.Options`` (the defaults and checks the library uses, written o
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields
 
 from manic import Options
+from manic.options import for_run_length
 
 # Mechanic's options the launcher exposes, and their flag names where the plain one would clash
 # with the base optimizer's (--weight-decay); the reducer options are chosen by --parallel.
@@ -14,10 +15,6 @@ MECHANIC_FLAGS = {"weight_decay": "mechanic_weight_decay", "eps": "mechanic_eps"
                   "num_betas": "num_betas", "store_delta": "store_delta", "variant": "variant", "per_group": "per_group",
                   "state": "state", "skip_nonfinite": "skip_nonfinite", "compile": "compile",
                   "fp32_reference": "fp32_reference"}
-
-# The measured rule of docs/tuning.md ("How the defaults were chosen"): training from scratch for at
-# most this many steps, the invariant form starts better at s_init=1e-2 than at its default 1e-3.
-SHORT_RUN_STEPS, SHORT_RUN_S_INIT = 300, 1e-2
 
 
 @dataclass
@@ -128,9 +125,7 @@ def parse(argv: list[str] | None = None) -> Config:
         options = Options(**{name: args.pop(flag) for name, flag in MECHANIC_FLAGS.items()})
     except (TypeError, ValueError) as e:
         raise SystemExit(f"launch/train.py: {e}") from None
-    if options.s_init is None and options.variant == "invariant" and args["steps"] <= SHORT_RUN_STEPS:
-        options = replace(options, s_init=SHORT_RUN_S_INIT)
-    cfg = Config(**args, mechanic_options=options)
+    cfg = Config(**args, mechanic_options=for_run_length(options, args["steps"]))
     if cfg.parallel not in (None, "none", "ddp", "fsdp2", "fsdp1", "hsdp"):
         raise SystemExit(f"--parallel must be none, ddp, fsdp2, fsdp1 or hsdp, got {cfg.parallel!r}")
     if cfg.optimizer not in ("adamw", "adam", "sgd"):

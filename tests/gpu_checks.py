@@ -281,6 +281,5 @@ def compiled_trajectory(device: str, steps: int = 10, dtype: torch.dtype = torch
                 opt.step()
                 scales.append(opt.scale.item())
             runs["compiled" if compiled else "eager"] = {
-                "scales": scales, "params": [p.detach().cpu().clone() for p in model.parameters()],
-                "written": len(opt._engine._written)}
+                "scales": scales, "params": [p.detach().cpu().clone() for p in model.parameters()]}
     return runs

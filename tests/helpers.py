@@ -1,7 +1,12 @@
-"""Shared test utilities: run manic in either form on fed gradients, side by side with the reference."""
+"""Shared test utilities: run manic in either form on fed gradients, side by side with the reference; run
+a script in a session of its own."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -83,3 +88,27 @@ class Runner:
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+# What a launcher may have left in the environment would change how a script starts its ranks.
+LAUNCH_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "ROLE_RANK",
+               "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+               "TORCHELASTIC_MAX_RESTARTS", "PL_GLOBAL_SEED", "PL_TRAINER_GPUS")
+
+
+def run_session(cmd: list[str], cwd: Path | str, timeout: float, merge: bool = True,
+                kill: Callable[[int], None] | None = None) -> tuple[int | None, str, str]:
+    """Run ``cmd`` in ``cwd`` in a session of its own, one OpenMP thread and no launcher variables in its
+    environment: (exit code, stdout, stderr; ``merge``: stderr in stdout). On a timeout ``kill(pid)`` (default:
+    its process group) and exit code None."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merge else subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err or ""
+    except subprocess.TimeoutExpired:
+        (kill or (lambda pid: os.killpg(pid, signal.SIGKILL)))(proc.pid)
+        out, err = proc.communicate()
+        return None, out, err or ""

@@ -139,8 +139,7 @@ def check_compiled_kernels(device: str, dtype: torch.dtype) -> None:
 
 
 def check_compiled_step(device: str, state: str) -> None:
-    """float64, 10 steps, two param groups: compile=True's scales and parameters are the eager ones; the
-    compiled rebase returned every tensor's sums for the next step."""
+    """float64, 10 steps, two param groups: compile=True's scales and parameters are the eager ones."""
     with G.compiled_graphs() as graphs:
         runs = G.compiled_trajectory(device, state=state)
     assert graphs[0] > 0, "nothing was compiled"
@@ -149,7 +148,6 @@ def check_compiled_step(device: str, state: str) -> None:
     assert compiled["scales"] == pytest.approx(eager["scales"], rel=1e-10)
     for a, b in zip(compiled["params"], eager["params"]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
-    assert compiled["written"] == 4 and eager["written"] == 0, (compiled["written"], eager["written"])
 
 
 @pytest.mark.timeout(180)

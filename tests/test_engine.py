@@ -1,4 +1,4 @@
-"""Structural properties of a step: forms agree bitwise, the invariant holds for every
+"""engine.py: structural properties of a step: forms agree bitwise, the invariant holds for every
 parameter, no host sync, the state's bytes, torch's lazy state initialisation."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import manic
+from manic.testing import Count
 from helpers import init_params
 
 
@@ -73,17 +74,6 @@ def test_invariant_every_parameter_including_unused(store_delta):
     assert torch.isfinite(opt.scale) and opt.scale > 1e-6
 
 
-class _CountSyncs(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("store_delta", [True, False])
 @pytest.mark.parametrize("base", ["adamw_fused", "adamw_foreach", "sgd"])
 def test_no_host_sync_in_step(store_delta, base):
@@ -100,12 +90,12 @@ def test_no_host_sync_in_step(store_delta, base):
         for m, o in ((model, opt), (plain_model, plain)):
             o.zero_grad()
             torch.nn.functional.mse_loss(m(X), y).backward()
-            with _CountSyncs() as counter:
+            with Count() as counter:
                 o.step()
             syncs.append(counter.syncs)
         assert syncs[0] == syncs[1], f"step {t}: Mechanic adds {syncs[0] - syncs[1]} host syncs"
     # the counter does see a sync when there is one
-    with _CountSyncs() as counter:
+    with Count() as counter:
         opt.scale.item()
     assert counter.syncs == 1
 
@@ -260,44 +250,3 @@ def test_user_supplied_reducer_is_called_once_per_step_with_the_packed_sums():
         both.step()
     assert len(reducer.calls) == 20 and all(c.shape == (4,) for c in reducer.calls)
     torch.testing.assert_close(opt.scale, both.scale, rtol=1e-12, atol=0)
-
-
-def _wrapped(form, base):
-    """(the object that reads out Mechanic, a function taking one step) in either form."""
-    if form == "dropin":
-        opt = manic.mechanize(base)
-        return opt, opt.step
-    updater = manic.Updater(base)
-    mechanic = manic.Mechanic(updater)
-    return mechanic, lambda: (mechanic.step(), updater.step())
-
-
-@pytest.mark.parametrize("form", ["dropin", "seed"])
-def test_stats_keys_are_stable_from_construction(form):
-    """The six documented keys before the first step (the last step's readouts are NaN then) and after."""
-    p = torch.ones(3, dtype=torch.float64, requires_grad=True)
-    base = torch.optim.SGD([p], lr=0.1)
-    opt, step = _wrapped(form, base)
-    keys = {"scale", "step", "skipped_steps", "h", "grad_norm", "param_norm"}
-    before = opt.stats()
-    assert set(before) == keys and all(before[k].isnan() for k in ("h", "grad_norm", "param_norm"))
-    p.grad = torch.ones(3, dtype=torch.float64)
-    step()
-    after = opt.stats()
-    assert set(after) == keys and after["grad_norm"].item() == pytest.approx(3 ** 0.5)
-
-
-@pytest.mark.parametrize("form", ["dropin", "seed"])
-def test_effective_lr_is_scale_times_each_groups_lr(form):
-    a, b, c = (torch.ones(2, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    base = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.02},
-                            {"params": [c], "lr": 0.5, "mechanic": False}], lr=0.1)
-    opt, step = _wrapped(form, base)
-    for t in range(5):
-        for p in (a, b, c):
-            p.grad = torch.full((2,), 1.0 + t, dtype=torch.float64)
-        step()
-    S = opt.scale
-    lrs = opt.effective_lr
-    assert [x.item() for x in lrs] == [(S * 0.1).item(), (S * 0.02).item(), 0.5]
-    assert all(x.dim() == 0 and x.dtype == S.dtype for x in lrs)

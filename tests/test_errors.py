@@ -407,11 +407,17 @@ def test_base_step_failing_after_mechanics_step_changes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(dense, dense2))
 
 
-def test_mechanic_step_twice():
+def seed_twins(steps: int) -> tuple[Run, Run]:
+    """Two identical seed-form runs after ``steps`` steps; the first holds the next step's gradients."""
     run, twin = Run("seed"), Run("seed")
-    run.step(3)
-    twin.step(3)
+    run.step(steps)
+    twin.step(steps)
     grads_at(run.params, run.t)
+    return run, twin
+
+
+def test_mechanic_step_twice():
+    run, twin = seed_twins(3)
     run.mechanic.step()
     before = run.snapshot()
     with pytest.raises(RuntimeError, match=r"twice.*updater\.step"):
@@ -423,10 +429,7 @@ def test_mechanic_step_twice():
 
 
 def test_updater_step_without_mechanic_step():
-    run, twin = Run("seed"), Run("seed")
-    run.step(3)
-    twin.step(3)
-    grads_at(run.params, run.t)
+    run, twin = seed_twins(3)
     before = run.snapshot()
     with pytest.raises(RuntimeError, match=r"mechanic\.step\(\)"):
         run.updater.step()
@@ -568,10 +571,7 @@ def test_a_rejected_load_keeps_the_last_step_statistics(form):
 
 
 def test_a_rejected_load_between_mechanic_step_and_updater_step_keeps_the_prepared_step():
-    run, twin = Run("seed"), Run("seed")
-    run.step(2)
-    twin.step(2)
-    grads_at(run.params, run.t)
+    run, twin = seed_twins(2)
     run.mechanic.step()
     with pytest.raises(ValueError, match="store_delta"):
         run.mechanic.load_state_dict(copy.deepcopy(_donor("seed", store_delta=False)))

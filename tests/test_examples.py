@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_session
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
@@ -37,11 +39,6 @@ CASES = {
     "observe_lightning.py": (0, "step ", 1e-2, 150),
     "observe_loop.py": (0, "step ", 1e-2, 90),
 }
-
-# what a launcher may have left in our environment would change how the examples start ranks
-_LAUNCH_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
-                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "PL_GLOBAL_SEED")
-
 
 def _descendants(pid: int) -> list[int]:
     """The processes ``pid`` started, and theirs (from /proc; empty where there is none)."""
@@ -74,18 +71,11 @@ def run_example(name: str, nproc: int, timeout: float) -> subprocess.CompletedPr
     script = os.path.join("examples", name)
     cmd = ([sys.executable, script] if nproc == 0 else
            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), script])
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_tree(proc.pid)
-        out, err = proc.communicate()
+    code, out, err = run_session(cmd, ROOT, timeout, merge=False, kill=_kill_tree)
+    if code is None:
         pytest.fail(f"{' '.join(cmd[1:])} did not finish within {timeout}s\n--- stdout ---\n{out[-2000:]}\n"
                     f"--- stderr (tail) ---\n{err[-6000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return subprocess.CompletedProcess(cmd, code, out, err)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.timeout(c[3] + 15)) for n, c in CASES.items()])

@@ -1,4 +1,4 @@
-"""Late binding: Mechanic works on the tensors the optimizer holds when it steps.
+"""layout.py: late binding: Mechanic works on the tensors the optimizer holds when it steps.
 
 Parameters replaced before the first step are followed silently; after it, a replacement of
 the same shape, dtype, device and placement carries Mechanic's buffers over, anything else

@@ -16,8 +16,7 @@ import torch
 import manic
 import reference as ref
 from helpers import BASES, Runner, flat, init_params, rel_err, unflat
-from manic import kernels
-from manic.engine import Engine
+from manic import kernels, step
 from manic.state import DELTA, FORMAT_VERSION, REF
 from test_precision import ORIGINAL, _train
 from test_reference import SCHEDULE, VARIANTS, _gradient_source, _hyper
@@ -129,15 +128,15 @@ def test_one_persistent_buffer_and_the_transient_is_freed(dtype, monkeypatch):
     """Persistent: mechanic_delta only, 1x the parameters' bytes (float32 for bf16 parameters, as Delta
     always is). Transient: the copy of x_t lives in the step's plan and is gone after the step."""
     copies: list[weakref.ref] = []
-    make_plan = Engine._make_plan
+    prepare = step.prepare
 
-    def spy(self: Engine):
-        plan = make_plan(self)
-        if plan.update is not None and plan.update.saved is not None:
-            copies.extend(weakref.ref(t) for t in plan.update.saved)
+    def spy(*args):
+        plan = prepare(*args)
+        if plan.update is not None and plan.update.transient is not None:
+            copies.extend(weakref.ref(t) for t in plan.update.transient)
         return plan
 
-    monkeypatch.setattr(Engine, "_make_plan", spy)
+    monkeypatch.setattr(step, "prepare", spy)
     model = _model(dtype)
     opt = manic.mechanize(torch.optim.AdamW(model.parameters(), lr=1e-2), state="delta")
     params = list(model.parameters())
@@ -253,7 +252,7 @@ def test_state_option_and_its_older_spelling():
         manic.Options(state="delta", fp32_reference=True)
     p = torch.zeros(3, requires_grad=True)
     assert "state='delta'" in repr(manic.mechanize(torch.optim.SGD([p], lr=0.1), state="delta"))
-    assert REF not in manic.mechanize(torch.optim.SGD([p], lr=0.1), state="delta")._engine._new_buffers(p)
+    assert REF not in manic.mechanize(torch.optim.SGD([p], lr=0.1), state="delta").hyper.mode.new_buffers(p, False)
 
 
 # ------------------------------------------------------------------ the kernel

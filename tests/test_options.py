@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import manic
-from manic.options import DEFAULTS, HYPER_NAMES, NAMES, Options
+from manic import tuner
+from manic.options import DEFAULTS, HYPER_NAMES, NAMES, Hyper, Options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,3 +148,48 @@ def test_the_launcher_follows_the_short_run_rule():
     assert config.parse(["--steps", "301"]).mechanic_options == Options()
     assert config.parse(["--steps", "100", "--s-init", "1e-3"]).mechanic_options == Options(s_init=1e-3)
     assert config.parse(["--steps", "100", "--variant", "original"]).mechanic_options == Options(variant="original")
+
+
+# --------------------------------------------------------------------------- Hyper, the deprecated spelling
+def test_hyper_defaults():
+    """Hyper's own defaults are the original form's (Options resolves the per-variant defaults)."""
+    h = Hyper()
+    assert (h.weight_decay, h.eps, h.s_init, h.num_betas, h.store_delta) == (1e-2, 1e-8, 1e-6, 6, True)
+    assert h.variant == "original"
+    assert tuner.VARIANTS == ("invariant", "original")
+
+
+@pytest.mark.parametrize("kwargs, exc, name", [
+    ({"num_betas": 0}, ValueError, "num_betas"),
+    ({"num_betas": -2}, ValueError, "num_betas"),
+    ({"num_betas": 1.5}, ValueError, "num_betas"),
+    ({"num_betas": True}, ValueError, "num_betas"),
+    ({"weight_decay": -0.1}, ValueError, "weight_decay"),
+    ({"weight_decay": float("nan")}, ValueError, "weight_decay"),
+    ({"weight_decay": float("inf")}, ValueError, "weight_decay"),
+    ({"weight_decay": "0.1"}, TypeError, "weight_decay"),
+    ({"weight_decay": True}, TypeError, "weight_decay"),
+    ({"eps": 0.0}, ValueError, "eps"),
+    ({"eps": -1e-8}, ValueError, "eps"),
+    ({"eps": float("-inf")}, ValueError, "eps"),
+    ({"eps": None}, TypeError, "eps"),
+    ({"s_init": 0.0}, ValueError, "s_init"),
+    ({"s_init": -1.0}, ValueError, "s_init"),
+    ({"s_init": float("nan")}, ValueError, "s_init"),
+    ({"s_init": torch.tensor(1e-6)}, TypeError, "s_init"),
+    ({"store_delta": 1}, TypeError, "store_delta"),
+    ({"store_delta": "yes"}, TypeError, "store_delta"),
+    ({"variant": "scale_free"}, ValueError, "variant"),
+    ({"variant": None}, ValueError, "variant"),
+    ({"variant": "Invariant"}, ValueError, "variant"),
+])
+def test_hyper_validation_names_the_argument(kwargs, exc, name):
+    with pytest.raises(exc) as info:
+        Hyper(**kwargs)
+    assert f"Invalid {name}" in str(info.value)
+
+
+def test_hyper_accepts_edge_values():
+    Hyper(weight_decay=0.0, eps=1e-30, s_init=1, num_betas=1, store_delta=False)  # int accepted as float
+    for variant in tuner.VARIANTS:
+        Hyper(variant=variant)

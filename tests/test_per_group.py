@@ -209,19 +209,6 @@ def test_groups_added_before_the_first_step_count_after_it_raises():
         opt.step()
 
 
-def test_layer_groups():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.Linear(4, 8), torch.nn.LayerNorm(8),
-                                torch.nn.Linear(8, 2, bias=False))
-    groups = manic.layer_groups(model.parameters(), lr=1e-3)
-    ps = list(model.parameters())
-    assert [[id(p) for p in g["params"]] for g in groups] == [[id(p) for p in ps[i:j]]
-                                                              for i, j in ((0, 2), (2, 6), (6, 7))]
-    assert all(g["lr"] == 1e-3 for g in groups)
-    with pytest.raises(ValueError, match="no parameters"):
-        manic.layer_groups([])
-
-
 def test_launcher_per_group_builds_a_tuner_per_layer():
     import sys
     from pathlib import Path

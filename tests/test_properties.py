@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import manic
+from manic import kernels, step
 from manic.layout import bind
 from manic.state import DELTA, REF
 
@@ -20,10 +21,11 @@ def _partial_sums(params, grads, refs, deltas):
     """The engine's local partial sums over ``params`` holding the given buffers."""
     for p, g in zip(params, grads):
         p.grad = g
-    engine = manic.mechanize(torch.optim.SGD(params, lr=0.1))._engine
-    layout = bind(engine.optimizer, None, None, None)
+    opt = manic.mechanize(torch.optim.SGD(params, lr=0.1))
+    layout = bind(opt.base_optimizer, None, None, None)
     buffers = {s.index: {REF: r, DELTA: d} for s, r, d in zip(layout.slots, refs, deltas)}
-    return engine._local_sums(layout, buffers)[0]
+    xs, bufs = step.views(layout, buffers)
+    return step.local_sums(layout, xs, opt.hyper.mode.direction(xs, bufs)[0], kernels.EAGER)[0]
 
 
 @settings(max_examples=60, deadline=None)

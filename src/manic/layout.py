@@ -5,7 +5,8 @@ with FSDP2 swap in the sharded DTensors; DeepSpeed swaps in flat partitions), so
 read when Mechanic first steps or loads a checkpoint, and read again whenever the groups
 change. A parameter is under Mechanic when its group does not say ``"mechanic": False`` and
 it requires grad. The layout holds the parameters through weak references: a tensor the
-optimizer dropped is never kept alive by Mechanic.
+optimizer dropped is never kept alive by Mechanic. Parameters are always in tuners: one tuner over
+all of them, or one per param group with per_group=True (``Layout.tuners``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import torch
 from torch import Tensor
 
 from .compat import is_dtensor, local
+from .modes import Buffers
 from .reduce import NoReduce, Reducer, detect
-
-Buffers = dict[str, Tensor]  # mechanic_ref (and mechanic_delta) of one parameter
 
 
 def _signature(p: Tensor) -> tuple:
@@ -47,7 +47,6 @@ class Slot:
     negate: bool  # its group maximizes: its gradient counts as -g
     counted: bool  # this rank adds it to the sums (a replicated parameter counts once)
     signature: tuple
-    group: int = 0  # the index of its param group
 
     @property
     def param(self) -> Tensor | None:
@@ -64,6 +63,7 @@ class Layout:
     dtype: torch.dtype
     device: torch.device
     num_groups: int = 1  # len(optimizer.param_groups)
+    tuners: tuple[tuple[int, ...], ...] = ((),)  # per tuner, the positions in ``slots`` of its parameters
 
     @property
     def params(self) -> list[Tensor]:
@@ -86,8 +86,10 @@ class Layout:
         return k == len(seen)
 
 
-def bind(optimizer: torch.optim.Optimizer, reducer: Reducer | None, process_group: Any, device_mesh: Any) -> Layout:
-    """Read the layout from ``optimizer.param_groups`` now; raise if Mechanic cannot work on it."""
+def bind(optimizer: torch.optim.Optimizer, reducer: Reducer | None, process_group: Any, device_mesh: Any,
+         per_group: bool = False) -> Layout:
+    """Read the layout from ``optimizer.param_groups`` now; raise if Mechanic cannot work on it.
+    ``per_group``: a tuner per param group, else one over every parameter."""
     seen, entries = [], []
     for gi, group in enumerate(optimizer.param_groups):
         on, negate = group.get("mechanic", True), bool(group.get("maximize", False))
@@ -111,15 +113,17 @@ def bind(optimizer: torch.optim.Optimizer, reducer: Reducer | None, process_grou
                          "Mechanic needs them on one device (use one optimizer per device)")
     params = [p for _, p, _, _ in entries]
     num_groups = len(optimizer.param_groups)
+    by_tuner = [gi if per_group else 0 for _, _, _, gi in entries]
+    tuners = tuple(tuple(k for k, t in enumerate(by_tuner) if t == i) for i in range(num_groups if per_group else 1))
     if not params:  # every parameter is frozen: Mechanic idles until one is not
         on = [p for g in optimizer.param_groups if g.get("mechanic", True) for p in g["params"]]
-        return Layout((), tuple(seen), NoReduce(), _tuner_dtype(on), local(on[0]).device, num_groups)
+        return Layout((), tuple(seen), NoReduce(), _tuner_dtype(on), local(on[0]).device, num_groups, tuners)
     if reducer is not None:
         counted = [True] * len(params)
     else:
         reducer, counted = detect(params, process_group, device_mesh)
-    slots = tuple(Slot(i, weakref.ref(p), neg, c, _signature(p), gi) for (i, p, neg, gi), c in zip(entries, counted))
-    return Layout(slots, tuple(seen), reducer, _tuner_dtype(params), devices.pop(), num_groups)
+    slots = tuple(Slot(i, weakref.ref(p), neg, c, _signature(p)) for (i, p, neg, _), c in zip(entries, counted))
+    return Layout(slots, tuple(seen), reducer, _tuner_dtype(params), devices.pop(), num_groups, tuners)
 
 
 def _tuner_dtype(params: list[Tensor]) -> torch.dtype:

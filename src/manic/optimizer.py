@@ -7,8 +7,9 @@ from typing import Any, Callable
 import torch
 
 from .compat import disable_dynamo, init_optimizer_hooks, is_optimizer_internal, step_with_own_hooks
-from .engine import Engine, TunerReadout
+from .engine import Engine
 from .options import Options, with_options_signature
+from .readout import TunerReadout
 from .state import strip_mechanic
 
 
@@ -29,7 +30,9 @@ class Mechanized(TunerReadout, torch.optim.Optimizer):
             raise TypeError("Pass Mechanic's options as options= or as keywords, not both")
         self._base = optimizer
         self._engine = Engine(optimizer, options)
-        # parameters, state and defaults stay the base optimizer's
+        # Not Optimizer.__init__: it would rebuild param_groups, state and defaults, which here ARE the base's
+        # (it would empty the base's groups and add copies); so the hooks it sets up, and the state-dict
+        # hooks below, are run as torch runs them (tests/test_optimizer.py compares them with torch's).
         init_optimizer_hooks(self)
 
     # The base optimizer replaces these objects when it loads a state dict: always read through.
@@ -105,9 +108,7 @@ class Mechanized(TunerReadout, torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         base_sd, mechanic_sd = strip_mechanic(state_dict)
-        layout = self._engine.check_state_dict(mechanic_sd) if mechanic_sd is not None else None
-        self._engine.load_base(lambda: self._base.load_state_dict(base_sd))
-        self._engine.load_state_dict(mechanic_sd, layout)
+        self._engine.load(mechanic_sd, base=lambda: self._base.load_state_dict(base_sd))
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

@@ -1,25 +1,33 @@
 """Every keyword Mechanic takes, with its default and its check, written once.
 
 ``mechanize(...)``, ``Mechanic(...)`` and the launcher all build an ``Options``; README's option
-tables list its fields (a test keeps the two in step).
+tables list its fields (a test keeps the two in step). ``Options.hyper`` resolves it into
+``tuner.Resolved``, the record the tuner and the state modes read: every default applied, no defaults or
+checks of its own.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
-from .tuner import Hyper
-
+from .modes import MODES
+from .tuner import VARIANTS, Resolved
 
 # What s_init=None and weight_decay=None mean in each variant: the original's are optax's, the
 # invariant form's come from the study in docs/tuning.md.
 DEFAULTS = {"invariant": {"s_init": 1e-3, "weight_decay": 4.0}, "original": {"s_init": 1e-6, "weight_decay": 1e-2}}
+# The measured rule of docs/tuning.md ("How the defaults were chosen"): training from scratch for at
+# most this many steps, the invariant form starts better at s_init=1e-2 than at its default.
+SHORT_RUN_STEPS, SHORT_RUN_S_INIT = 300, 1e-2
+STATES = tuple(MODES)
 
 
-def _doc(text: str) -> dict[str, str]:
-    return {"doc": text}
+def _doc(text: str, hyper: bool = False) -> dict[str, Any]:
+    """A field's metadata: its one-line doc, and whether it is one of the tuner's hyperparameters."""
+    return {"doc": text, "hyper": hyper}
 
 
 @dataclass(frozen=True)
@@ -28,20 +36,21 @@ class Options:
 
     # hyperparameters of the tuner (docs/algorithm.md)
     weight_decay: float | None = field(default=None, metadata=_doc(
-        "Mechanic's own decay lambda (None: 4 invariant, on S * lr; 1e-2 original, on S)"))
-    eps: float = field(default=1e-8, metadata=_doc("numerical floor in the tuner"))
+        "Mechanic's own decay lambda (None: 4 invariant, on S * lr; 1e-2 original, on S)", hyper=True))
+    eps: float = field(default=1e-8, metadata=_doc("numerical floor in the tuner", hyper=True))
     s_init: float | None = field(default=None, metadata=_doc(
-        "the start: an effective lr (invariant; None: 1e-3), or the initial scale (original; None: 1e-6)"))
-    num_betas: int = field(default=6, metadata=_doc("betas 1 - 10**-i, i = 1..n"))
+        "the start: an effective lr (invariant; None: 1e-3), or the initial scale (original; None: 1e-6)",
+        hyper=True))
+    num_betas: int = field(default=6, metadata=_doc("betas 1 - 10**-i, i = 1..n", hyper=True))
     store_delta: bool = field(default=True, metadata=_doc(
-        "the older spelling of state: True 'ref+delta', False 'ref' (used when state is None)"))
+        "the older spelling of state: True 'ref+delta', False 'ref' (used when state is None)", hyper=True))
     variant: str = field(default="invariant", metadata=_doc(
-        "'invariant': the scale in units of the base lr; 'original': the authors' update"))
-    per_group: bool = field(default=False, metadata=_doc("one tuner (and scale) per param group"))
+        "'invariant': the scale in units of the base lr; 'original': the authors' update", hyper=True))
+    per_group: bool = field(default=False, metadata=_doc("one tuner (and scale) per param group", hyper=True))
+    # how it runs
     state: str | None = field(default=None, metadata=_doc(
         "what is kept per parameter: 'ref+delta' (x_ref and Delta), 'ref' (x_ref; Delta recomputed) or 'delta' "
         "(Delta; x_ref implied); None: from store_delta"))
-    # how it runs
     reducer: Any = field(default=None, metadata=_doc("object with all_reduce_sum(tensor) -> tensor"))
     process_group: Any = field(default=None, metadata=_doc("group to all-reduce the sums over"))
     device_mesh: Any = field(default=None, metadata=_doc("mesh whose dims the sums are reduced over"))
@@ -50,15 +59,36 @@ class Options:
     fp32_reference: bool = field(default=False, metadata=_doc("x_ref in float32 for 16-bit parameters"))
 
     def __post_init__(self) -> None:
-        self.hyper  # noqa: B018  (validates the hyperparameters)
-        if self.reducer is not None:
-            if not callable(getattr(self.reducer, "all_reduce_sum", None)):
-                raise TypeError(f"Invalid reducer: {self.reducer!r}; pass an object with "
-                                "all_reduce_sum(tensor) -> tensor")
-            if self.process_group is not None or self.device_mesh is not None:
-                raise ValueError("Pass one of reducer=, process_group= and device_mesh=")
-        if self.process_group is not None and self.device_mesh is not None:
-            raise ValueError("Pass process_group= or device_mesh=, not both")
+        def bad(name: str, value: object, fix: str) -> ValueError:
+            return ValueError(f"Invalid {name}: {value!r}; {fix}")
+
+        if isinstance(self.num_betas, bool) or not isinstance(self.num_betas, int) or self.num_betas < 1:
+            raise bad("num_betas", self.num_betas, "pass a positive int (default 6)")
+        for name in ("weight_decay", "eps", "s_init"):
+            value = getattr(self, name)
+            if value is None and name != "eps":
+                continue  # per variant (DEFAULTS)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"Invalid {name}: {value!r}; pass a Python float")
+            if value != value or value in (math.inf, -math.inf):
+                raise bad(name, value, "pass a finite float")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise bad("weight_decay", self.weight_decay, "pass a value >= 0")
+        if self.eps <= 0:
+            raise bad("eps", self.eps, "pass a value > 0 (default 1e-8)")
+        if self.s_init is not None and self.s_init <= 0:
+            raise bad("s_init", self.s_init, "pass a value > 0")
+        for name in ("store_delta", "per_group"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Invalid {name}: {getattr(self, name)!r}; pass True or False")
+        if self.variant not in VARIANTS:
+            raise bad("variant", self.variant, f"pass one of {', '.join(map(repr, VARIANTS))}")
+        if self.state is not None and self.state not in STATES:
+            raise bad("state", self.state, f"pass one of {', '.join(map(repr, STATES))}")
+        if self.state not in (None, "ref") and not self.store_delta:
+            raise ValueError(f"Invalid store_delta=False with state={self.state!r}: store_delta=False is the older "
+                             "spelling of state='ref'; pass only state=")
+        check_sources(self.reducer, self.process_group, self.device_mesh)
         for name in ("skip_nonfinite", "compile", "fp32_reference"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Invalid {name}: {getattr(self, name)!r}; pass True or False")
@@ -67,15 +97,18 @@ class Options:
                              "float32 for 16-bit parameters already); drop fp32_reference")
 
     @property
-    def hyper(self) -> Hyper:
-        default = DEFAULTS.get(self.variant, DEFAULTS["original"])
-        s_init = default["s_init"] if self.s_init is None else self.s_init
-        weight_decay = default["weight_decay"] if self.weight_decay is None else self.weight_decay
-        return Hyper(weight_decay=weight_decay, eps=self.eps, s_init=s_init, num_betas=self.num_betas,
-                     store_delta=self.store_delta, variant=self.variant, per_group=self.per_group, state=self.state)
+    def hyper(self) -> Resolved:
+        """These options as the tuner uses them: the variant's defaults applied, the state mode resolved."""
+        default = DEFAULTS[self.variant]
+        return Resolved(variant=self.variant,
+                        weight_decay=default["weight_decay"] if self.weight_decay is None else self.weight_decay,
+                        eps=self.eps, s_init=default["s_init"] if self.s_init is None else self.s_init,
+                        num_betas=self.num_betas,
+                        # store_delta lives on only here, as the older spelling of state
+                        state=self.state or ("ref+delta" if self.store_delta else "ref"), per_group=self.per_group)
 
     @classmethod
-    def from_kwargs(cls, where: str, kwargs: dict[str, Any]) -> "Options":
+    def from_kwargs(cls, where: str, kwargs: dict[str, Any]) -> Options:
         unknown = sorted(set(kwargs) - set(NAMES))
         if unknown:
             raise TypeError(f"{where}() got unexpected keyword arguments {unknown}; Mechanic's keywords are "
@@ -83,8 +116,33 @@ class Options:
         return cls(**kwargs)
 
 
+def check_sources(reducer: Any, process_group: Any, device_mesh: Any) -> None:
+    """Where the sums are reduced over: at most one of a reducer, a process group and a device mesh."""
+    if reducer is not None:
+        if not callable(getattr(reducer, "all_reduce_sum", None)):
+            raise TypeError(f"Invalid reducer: {reducer!r}; pass an object with all_reduce_sum(tensor) -> tensor")
+        if process_group is not None or device_mesh is not None:
+            raise ValueError("Pass one of reducer=, process_group= and device_mesh=")
+    if process_group is not None and device_mesh is not None:
+        raise ValueError("Pass process_group= or device_mesh=, not both")
+
+
+def for_run_length(options: Options, steps: int) -> Options:
+    """``options`` for a run of ``steps`` steps from scratch: the invariant form's s_init=None starts at
+    SHORT_RUN_S_INIT in runs of at most SHORT_RUN_STEPS steps (docs/tuning.md); else ``options``."""
+    if options.s_init is None and options.variant == "invariant" and steps <= SHORT_RUN_STEPS:
+        return replace(options, s_init=SHORT_RUN_S_INIT)
+    return options
+
+
+def Hyper(**kwargs: Any) -> Resolved:  # noqa: N802  (the name of the record it replaced)
+    """Deprecated (not in ``manic.__all__``; see CHANGELOG.md): ``Options(variant="original", **kwargs).hyper``,
+    what ``manic.Hyper(...)`` built when it was a record of its own with the original form's defaults."""
+    return Options(**{"variant": "original", **kwargs}).hyper
+
+
 NAMES = tuple(f.name for f in fields(Options))
-HYPER_NAMES = NAMES[:7]
+HYPER_NAMES = tuple(f.name for f in fields(Options) if f.metadata["hyper"])
 
 
 def with_options_signature(fn: Callable) -> Callable:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .compat import is_dtensor, is_fsdp1_flat, is_strided_shard, local, root_mesh
+from .options import check_sources
 
 
 @runtime_checkable
@@ -95,8 +96,7 @@ def _mesh_group(mesh: Any, dims: set[int]) -> Any:
 def detect(params: Sequence[Tensor], process_group: Any = None, device_mesh: Any = None
            ) -> tuple[Reducer, list[bool]]:
     """(reducer, whether this rank adds each parameter to the sums)."""
-    if process_group is not None and device_mesh is not None:
-        raise ValueError("Pass process_group= or device_mesh=, not both")
+    check_sources(None, process_group, device_mesh)
     dtensors = [p for p in params if is_dtensor(p)]
     if device_mesh is not None or dtensors:
         # Work on the root mesh: FSDP2 + TP puts some parameters on a (dp, tp) mesh and

@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from .engine import Engine, TunerReadout
+from .engine import Engine
 from .options import Options, with_options_signature
+from .readout import TunerReadout
 from .state import strip_mechanic
 
 
@@ -31,6 +32,12 @@ class Updater:
         self.base_optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self._engine: Engine | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Step and load the base optimizer through ``engine`` from now on (``Mechanic(updater)`` calls this)."""
+        if engine.optimizer is not self.base_optimizer:
+            raise ValueError("The engine is attached to another optimizer than this updater's")
+        self._engine = engine
 
     def step(self) -> None:
         """Step the base optimizer (rebased by Mechanic, if attached), then the scheduler."""
@@ -63,8 +70,6 @@ class Updater:
             self._engine.load_base(lambda: self.base_optimizer.load_state_dict(base))
         if self.lr_scheduler is not None and state_dict.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state_dict["lr_scheduler"])
-        if self._engine is not None:
-            self._engine.publish()
 
 
 class Mechanic(TunerReadout):
@@ -80,7 +85,7 @@ class Mechanic(TunerReadout):
                             "build Updater(optimizer, lr_scheduler) first (or use manic.mechanize(optimizer))")
         self.updater = updater
         self._engine = Engine(updater.base_optimizer, Options.from_kwargs("Mechanic", options))
-        updater._engine = self._engine
+        updater.attach(self._engine)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -106,4 +111,4 @@ class Mechanic(TunerReadout):
         return self._engine.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._engine.load_state_dict(state_dict)
+        self._engine.load(state_dict)

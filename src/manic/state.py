@@ -1,29 +1,29 @@
-"""The layout of Mechanic's state in a state dict, and its checks.
+"""The checkpoint format: the layout of Mechanic's state in a state dict, its versions and its checks.
 
 Per parameter, by the state mode: ``mechanic_ref`` and ``mechanic_delta`` ("ref+delta"),
 ``mechanic_ref`` ("ref") or ``mechanic_delta`` ("delta") in ``state[index]``; the tuner's tensors,
 the hyperparameters and the format version as ``mechanic_*`` entries of the first param group.
+(Putting it there and taking it back out is storage.py.)
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from dataclasses import fields
+from typing import Any
 
-import torch
 from torch import Tensor
 
-from .tuner import Hyper, TunerState
+from .modes import DELTA, REF
+from .tuner import Resolved
+from .tuner import TunerState
 
 # 2 added lr_ref and variant (a version-1 state dict is the original form); 3 added per_group; 4 added state
 FORMAT_VERSION = 4
-REF, DELTA = "mechanic_ref", "mechanic_delta"
 PARAM_KEYS = (REF, DELTA)
-BUFFERS = {"ref+delta": (REF, DELTA), "ref": (REF,), "delta": (DELTA,)}  # the buffers of each state mode
-TUNER_KEYS = ("r", "m", "v", "s", "step", "skipped", "lr_ref")
-# the variant first: it sets what the defaults of the others mean, so a mismatch names it; the state
-# mode before store_delta, which it implies, so a mismatch names the mode (with its store_delta spelling)
-HYPER_KEYS = ("variant", "weight_decay", "eps", "s_init", "num_betas", "state", "store_delta", "per_group")
+TUNER_KEYS = TunerState.keys()
+# the resolved record's fields, the variant first: it sets what the defaults of the others mean, so a
+# mismatch names it. store_delta, the older spelling of the state mode, is written after state too.
+HYPER_KEYS = tuple(f.name for f in fields(Resolved))
 # what an older state dict, which lacks them, means: {key: (the version that added it, its meaning before:
 # a value, or a function of the saved tuner entries)}
 ADDED: dict[str, tuple[int, Any]] = {
@@ -31,37 +31,20 @@ ADDED: dict[str, tuple[int, Any]] = {
     "state": (4, lambda t: "ref+delta" if t.get("mechanic_store_delta", True) else "ref")}
 
 
-def group_entries(tuner: TunerState, hyper: Hyper) -> dict[str, Any]:
+def group_entries(tuner: TunerState, hyper: Resolved) -> dict[str, Any]:
     """The ``mechanic_*`` entries of the first param group: tuner tensors, hyperparameters, version."""
     out: dict[str, Any] = {f"mechanic_{k}": t for k, t in tuner.tensors().items()}
-    out.update({f"mechanic_{k}": getattr(hyper, k) for k in HYPER_KEYS})
+    for k in HYPER_KEYS:
+        out[f"mechanic_{k}"] = getattr(hyper, k)
+        if k == "state":  # (read by a manic of format 3 or older)
+            out["mechanic_store_delta"] = hyper.store_delta
     out["mechanic_version"] = FORMAT_VERSION
     return out
 
 
-@contextmanager
-def hidden(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> Iterator[None]:
-    """While the block runs (the base optimizer's step), a parameter whose state holds only
-    Mechanic's buffers has an empty state: torch optimizers initialise a parameter's state
-    lazily, when ``len(state[p]) == 0``. The buffers are back afterwards, whatever happens."""
-    state = optimizer.state
-    saved = []
-    for p in params:
-        entry = state.get(p)
-        if entry and all(k in PARAM_KEYS for k in entry):
-            saved.append((p, dict(entry)))
-            entry.clear()
-    try:
-        yield
-    finally:
-        state = optimizer.state
-        for p, mine in saved:
-            state[p].update(mine)
-
-
-def check_state_dict(sd: dict[str, Any], hyper: Hyper, entries: list[tuple[int, Tensor]], positions: int,
+def check_state_dict(sd: dict[str, Any], hyper: Resolved, entries: list[tuple[int, Tensor]], positions: int,
                      groups: int = 1) -> None:
-    """Raise ValueError if ``sd`` (the form of ``Engine.state_dict``) cannot be loaded into
+    """Raise ValueError if ``sd`` (the form of ``storage.state_dict``) cannot be loaded into
     parameters ``entries`` (index, parameter) of an optimizer with ``positions`` parameters
     under ``hyper`` (with ``groups`` param groups). Buffers saved for a parameter that is not under Mechanic here (frozen,
     or in a group with ``"mechanic": False``) are ignored."""
@@ -89,7 +72,7 @@ def check_state_dict(sd: dict[str, Any], hyper: Hyper, entries: list[tuple[int, 
             raise ValueError(f"Checkpoint entry mechanic_{k} should be a tensor of shape {want}, got {v!r:.80}")
     state = sd.get("state", {})
     mine_by_index = dict(entries)
-    want_keys = set(BUFFERS[hyper.state])
+    want_keys = set(hyper.mode.keys)
     started = int(t["mechanic_step"]) > 0
     for i, p in mine_by_index.items():
         entry = {k: v for k, v in state.get(i, {}).items() if k in PARAM_KEYS}

@@ -2,76 +2,50 @@
 
 Everything here works on a handful of small tensors (length ``n``) that live on the
 parameters' device, so a step never waits for the device. Nothing here knows about
-parameters, optimizers or process groups.
+parameters, optimizers or process groups. The hyperparameters come as ``Resolved`` (built by
+``options.Options.hyper``); a new variant is a name in ``VARIANTS``, its defaults in
+``options.DEFAULTS`` and its branch in ``update``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
-# Layout of the packed tensor of global sums that one step reduces across ranks.
-# With D the accumulated direction (Delta, or x - x_ref in the recompute form, state="ref"):
+from .modes import MODES, StateMode
+
+# Layout of the packed tensor of global sums that one step reduces across ranks, with D the direction
+# the state mode accumulates (modes.py: Delta, or x - x_ref in the recompute form, state="ref"):
 G_DOT_D, X_DOT_D, G_SQ, X_SQ = range(4)
-NUM_SUMS = 4
+
+VARIANTS = ("invariant", "original")
+# The invariant form's floor, as a fraction of its start (docs/algorithm.md, "The invariant form").
+FLOOR = 1e-3
 
 
 @dataclass(frozen=True)
-class Hyper:
-    """Mechanic's hyperparameters (the same keywords in every entry point)."""
+class Resolved:
+    """The resolved record: ``Options(...).hyper``, what the tuner, the state modes and the checkpoint
+    format read. Every field is set (no defaults, no checks of its own: ``options.Options`` holds both)."""
 
-    weight_decay: float = 1e-2
-    eps: float = 1e-8
-    s_init: float = 1e-6
-    num_betas: int = 6
-    store_delta: bool = True
-    variant: str = "original"
-    per_group: bool = False
-    state: str | None = None  # None: "ref+delta" if store_delta else "ref" (resolved here)
+    variant: str
+    weight_decay: float
+    eps: float
+    s_init: float
+    num_betas: int
+    state: str  # the state mode's name (modes.MODES)
+    per_group: bool
 
-    def __post_init__(self) -> None:
-        def bad(name: str, value: object, fix: str) -> ValueError:
-            return ValueError(f"Invalid {name}: {value!r}; {fix}")
+    @property
+    def store_delta(self) -> bool:
+        """Whether Delta is kept (the older spelling of the state mode, still in the checkpoint format)."""
+        return self.mode.keeps_delta
 
-        if isinstance(self.num_betas, bool) or not isinstance(self.num_betas, int) or self.num_betas < 1:
-            raise bad("num_betas", self.num_betas, "pass a positive int (default 6)")
-        for name in ("weight_decay", "eps", "s_init"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"Invalid {name}: {value!r}; pass a Python float")
-            if value != value or value in (float("inf"), float("-inf")):
-                raise bad(name, value, "pass a finite float")
-        if self.weight_decay < 0:
-            raise bad("weight_decay", self.weight_decay, "pass a value >= 0 (default 1e-2)")
-        if self.eps <= 0:
-            raise bad("eps", self.eps, "pass a value > 0 (default 1e-8)")
-        if self.s_init <= 0:
-            raise bad("s_init", self.s_init, "pass a value > 0 (default 1e-6)")
-        if not isinstance(self.store_delta, bool):
-            raise TypeError(f"Invalid store_delta: {self.store_delta!r}; pass True or False")
-        if not isinstance(self.per_group, bool):
-            raise TypeError(f"Invalid per_group: {self.per_group!r}; pass True or False")
-        if self.variant not in VARIANTS:
-            raise bad("variant", self.variant, f"pass one of {', '.join(map(repr, VARIANTS))}")
-        if self.state is None:
-            object.__setattr__(self, "state", "ref+delta" if self.store_delta else "ref")
-        elif self.state not in STATES:
-            raise bad("state", self.state, f"pass one of {', '.join(map(repr, STATES))}")
-        elif not self.store_delta and self.state != "ref":
-            raise ValueError(f"Invalid store_delta=False with state={self.state!r}: store_delta=False is the older "
-                             "spelling of state='ref'; pass only state=")
-        # store_delta says whether Delta is state (it is with "ref+delta" and "delta")
-        object.__setattr__(self, "store_delta", self.state != "ref")
-
-
-VARIANTS = ("invariant", "original")
-# What Mechanic keeps per parameter (docs/algorithm.md): x_ref and Delta; x_ref only (Delta recomputed
-# as (x - x_ref) / S); Delta only (x_ref = x - S * Delta implied).
-STATES = ("ref+delta", "ref", "delta")
-# The invariant form's floor, as a fraction of its start (docs/algorithm.md, "The invariant form").
-FLOOR = 1e-3
+    @property
+    def mode(self) -> StateMode:
+        return MODES[self.state]
 
 
 @dataclass
@@ -100,7 +74,7 @@ class TunerState:
         return self.s.sum(-1) / self.lr_ref
 
     @staticmethod
-    def fresh(hyper: Hyper, dtype: torch.dtype, device: torch.device, groups: int = 1) -> "TunerState":
+    def fresh(hyper: Resolved, dtype: torch.dtype, device: torch.device, groups: int = 1) -> "TunerState":
         """A new state; ``groups`` tuners (one per param group) if ``hyper.per_group``."""
         lead = (groups,) if hyper.per_group else ()
         shape = (*lead, hyper.num_betas)
@@ -109,9 +83,13 @@ class TunerState:
         return TunerState(zeros(), zeros(), zeros(), torch.full(shape, hyper.s_init, dtype=dtype, device=device),
                           count(), count(), torch.ones(lead, dtype=dtype, device=device))
 
+    @staticmethod
+    def keys() -> tuple[str, ...]:
+        """The names of its tensors, in order (the checkpoint's ``mechanic_<name>`` entries)."""
+        return tuple(f.name for f in fields(TunerState))
+
     def tensors(self) -> dict[str, Tensor]:
-        return {"r": self.r, "m": self.m, "v": self.v, "s": self.s, "step": self.step, "skipped": self.skipped,
-                "lr_ref": self.lr_ref}
+        return {k: getattr(self, k) for k in self.keys()}
 
     @staticmethod
     def of(tensors: dict[str, Tensor], dtype: torch.dtype, device: torch.device) -> "TunerState":
@@ -138,12 +116,19 @@ def betas(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor([1.0 - 10.0 ** (-i) for i in range(1, n + 1)], dtype=dtype, device=device)
 
 
-def update(state: TunerState, sums: Tensor, hyper: Hyper, beta: Tensor) -> tuple[TunerState, Tensor, Tensor]:
+def of_group(t: Tensor, g: int) -> Tensor:
+    """Tuner ``g``'s entry of ``t`` (a scale, an lr_ref): ``t[g]`` with one tuner per param group, else the
+    one tuner's ``t`` itself (``g`` is then 0)."""
+    return t[g] if t.dim() else t
+
+
+def update(state: TunerState, sums: Tensor, hyper: Resolved, beta: Tensor) -> tuple[TunerState, Tensor, Tensor]:
     """One tuner update from the reduced global sums; returns (the new state, h, ok).
 
     ``sums`` holds <g, D>, <x, D>, ||g||^2, ||x||^2 (shape (4,), or (groups, 4) with one tuner per
-    group: the groups' tuners are independent and share only ``ok``), where D is Delta (state "ref+delta" or
-    "delta") or x - x_ref (state "ref"; the division by S + eps of docs/algorithm.md, "One step", happens here).
+    group: the groups' tuners are independent and share only ``ok``), where D is the state mode's direction:
+    Delta, or x - x_ref (state "ref"), whose unit h is divided by here (``StateMode.unit``: lr_ref, or the
+    S + eps of docs/algorithm.md, "One step").
     Everything is computed in the units of ``state.s`` (docs/algorithm.md, "The invariant form"):
     the direction is Delta / lr_ref, whose scale is sum(s); with lr_ref = 1 this is the original update.
     A step whose sums are not finite leaves the state as it was and counts as skipped;
@@ -155,10 +140,7 @@ def update(state: TunerState, sums: Tensor, hyper: Hyper, beta: Tensor) -> tuple
     gn, xn = g_sq.sqrt(), x_sq.sqrt()
     # h = <g + lam * S * |g| / (|x| + eps) * x, D>
     h = g_dot_d + lam * S * gn / (xn + eps) * x_dot_d
-    if hyper.state != "ref":
-        h = h / state.lr_ref  # D = Delta / lr_ref
-    else:
-        h = h / (S + eps)  # D = (x - x_ref) / (S + eps): no lr_ref, x - x_ref = S * D already
+    h = h / hyper.mode.unit(S, state.lr_ref, eps)
     hb = h.unsqueeze(-1)  # broadcast over the betas
     floor = hyper.s_init
     r_old = state.r

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import manic
 import scenarios
@@ -28,35 +27,9 @@ def device_of(rank: int, device_type: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
 
 
-class Count(TorchDispatchMode):
-    """The collectives (by op name) and host syncs issued inside the block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.collectives: list[str] = []
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
-            self.collectives.append(str(func))
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
-
-
 def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, device: torch.device,
           counts: list | None = None) -> list[float]:
-    X, y = (t.to(device) for t in scenarios.data())
-    scales = []
-    for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(X), y).backward()
-        with Count() as c:
-            opt.step()
-        if counts is not None:
-            counts.append((c.collectives, c.syncs))
-        scales.extend(opt.scale.reshape(-1).tolist())
-    return scales
+    return scenarios.train(model, opt, steps, counts=counts, device=device, names=True)
 
 
 def baseline(device: torch.device, **options: Any) -> tuple[list[torch.Tensor], list[float]]:

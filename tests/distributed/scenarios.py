@@ -11,9 +11,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import manic
+from manic.testing import Count  # collectives and host syncs of a block
+from nets import MLP
 
 STEPS = 40
 LR = 1e-2
@@ -36,19 +37,7 @@ def base(params: Any, kind: str = "adamw") -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=LR, fused=True)
 
 
-class Net(nn.Module):
-    """Small MLP with a 3-element gain (fewer elements than 4 ranks: some shards are empty)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 16)
-        self.fc3 = nn.Linear(16, 2)
-        self.gain = nn.Parameter(torch.tensor([0.7, -0.4, 0.9]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.fc2(torch.tanh(self.fc1(x))))
-        return self.fc3(h) * self.gain[:2] + self.gain[2]
+Net = MLP  # a small MLP with a 3-element gain (fewer elements than 4 ranks: some shards are empty)
 
 
 def make_net(seed: int = 0) -> Net:
@@ -69,26 +58,13 @@ def full(p: torch.Tensor) -> torch.Tensor:
 COUNTING = True  # train() counts collectives and host syncs under Count (compiled_forms turns it off)
 
 
-class Count(TorchDispatchMode):
-    """Counts collectives and host syncs issued inside the block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.collectives = 0
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
-            self.collectives += 1
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
-
-
 def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, forward: Callable | None = None,
-          counts: list | None = None) -> list[float]:
-    """Full-batch steps; returns the scale after each step; records per-step counts."""
-    X, y = data()
+          counts: list | None = None, device: torch.device | None = None, readout: Any = None,
+          names: bool = False) -> list[float]:
+    """Full-batch steps (the batch on ``device``); returns the scale of ``readout`` (default: ``opt``) after
+    each step; records per step (collectives, host syncs) in ``counts``: how many, or the collectives'
+    names with ``names``."""
+    X, y = (t if device is None else t.to(device) for t in data())
     scales = []
     for _ in range(steps):
         opt.zero_grad()
@@ -100,10 +76,10 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, forward: Cal
             with Count() as c:
                 opt.step()
             if counts is not None:
-                counts.append((c.collectives, c.syncs))
+                counts.append((c.names if names else c.collectives, c.syncs))
         else:  # (compiled code does not run under a TorchDispatchMode: compiled_forms)
             opt.step()
-        scales.extend(opt.scale.reshape(-1).tolist())  # one per group with per_group=True
+        scales.extend((readout or opt).scale.reshape(-1).tolist())  # one per group with per_group=True
     return scales
 
 

@@ -32,19 +32,6 @@ AFTER = 10  # after it
 S_INIT = 1e-6
 
 
-class Collectives(scenarios.Count):
-    """``scenarios.Count`` that also names the collectives."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
-            self.names.append(str(func))
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-
 # ----------------------------------------------------------------------------- accelerate
 def make_accelerator(rank: int, world: int) -> Any:
     """A real ``Accelerator`` on the harness's already initialised gloo group (MULTI_CPU: it
@@ -133,17 +120,8 @@ def prepared(accelerator: Any, plugin: Any, seed: int) -> tuple[scenarios.Net, A
 # ----------------------------------------------------------------------------- runs
 def train(model: nn.Module, opt: torch.optim.Optimizer, mech: manic.Mechanized, steps: int,
           counts: list | None = None) -> list[float]:
-    X, y = scenarios.data()
-    scales = []
-    for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(X), y).backward()
-        with Collectives() as c:
-            opt.step()
-        if counts is not None:
-            counts.append((c.names, c.syncs))
-        scales.append(mech.scale.item())
-    return scales
+    """scenarios.train through accelerate's optimizer ``opt``, reading the scale of ``mech``."""
+    return scenarios.train(model, opt, steps, counts=counts, readout=mech, names=True)
 
 
 def full_params(model: nn.Module) -> list[torch.Tensor]:

@@ -33,7 +33,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: nets.py
+from nets import MLP  # noqa: E402
 
 N = 40          # steps of a full run
 HALF = N // 2   # where the interrupted run stops
@@ -58,17 +60,6 @@ def is_dtensor(t: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 16)
-        self.fc3 = nn.Linear(16, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
 
 
 def loader(world: int) -> torch.utils.data.DataLoader:
@@ -100,7 +91,7 @@ def build_task(sharded: bool):  # -> lightning.LightningModule
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
-            self.net = Net().double()
+            self.net = MLP(gain=False).double()
             self.events: list[Any] = []   # hook order, what configure_optimizers saw
             self.scales: list[torch.Tensor] = []
             self.trace: list[tuple] = []

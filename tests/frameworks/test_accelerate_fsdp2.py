@@ -27,33 +27,32 @@ def ranks(tmp_path_factory):
     return harness.run(2, accelerate_fsdp2.run, ckpt, timeout=150)
 
 
+# What each check of accelerate_fsdp2.run asserts on every rank (one test each).
+CHECKS = {
+    "control": "a plain AdamW prepared the same way ends on the sharded parameters and keeps no full-size one "
+               "alive, so the checks below are about Mechanic",
+    "identity": "the mechanic_* entries of opt.state are keyed by exactly the model's DTensor parameters, and "
+                "the engine's params are list(model.parameters()) element-wise",
+    "counts": "one all-reduce and no host sync per step",
+    "scale_grows": "the scale grows",
+    "state_bytes": "the state is two copies of the local shards",
+    "no_full_size_refs": "no full-size parameter stays referenced",
+    "state_dict": "the state dict",
+    "dcp_resume": "accelerate's FSDP2 save (save_fsdp_model/optimizer: DCP) after 40 steps, loaded into a new "
+                  "model + optimizer prepared the same way (different init), 10 more steps: scales and "
+                  "parameters bitwise equal to the uninterrupted run",
+}
+
+
 def _check(ranks, name):
     for rank, r in enumerate(ranks):
         assert r["checks"][name] == "ok", f"rank {rank}: {r['checks'][name]}"
 
 
 @pytest.mark.timeout(180)
-def test_replay_of_accelerate_is_faithful(ranks):
-    """Control: a plain AdamW prepared the same way ends on the sharded parameters and keeps no
-    full-size one alive, so the checks below are about Mechanic."""
-    _check(ranks, "control")
-
-
-@pytest.mark.timeout(180)
-def test_mechanic_holds_the_sharded_parameters(ranks):
-    """The ``mechanic_*`` entries of ``opt.state`` are keyed by exactly the model's DTensor
-    parameters, and ``opt._engine.params`` is ``list(model.parameters())`` element-wise."""
-    _check(ranks, "identity")
-
-
-@pytest.mark.timeout(180)
-def test_one_all_reduce_and_no_host_sync_per_step(ranks):
-    _check(ranks, "counts")
-
-
-@pytest.mark.timeout(180)
-def test_scale_grows(ranks):
-    _check(ranks, "scale_grows")
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_check_on_every_rank(ranks, name):
+    _check(ranks, name)
 
 
 @pytest.mark.timeout(180)
@@ -61,26 +60,3 @@ def test_trajectory_matches_optimizer_built_after_sharding(ranks):
     """Scale per step and final full parameters within 1e-9 relative (float64)."""
     _check(ranks, "trajectory")
     assert all(r["same_on_all_ranks"] for r in ranks), "the scale differs across ranks"
-
-
-@pytest.mark.timeout(180)
-def test_state_is_two_copies_of_the_local_shards(ranks):
-    _check(ranks, "state_bytes")
-
-
-@pytest.mark.timeout(180)
-def test_no_full_size_parameter_stays_referenced(ranks):
-    _check(ranks, "no_full_size_refs")
-
-
-@pytest.mark.timeout(180)
-def test_state_dict(ranks):
-    _check(ranks, "state_dict")
-
-
-@pytest.mark.timeout(180)
-def test_dcp_resume_into_freshly_prepared_objects_is_bitwise(ranks):
-    """accelerate's FSDP2 save (save_fsdp_model/optimizer: DCP) after 40 steps, load into a new
-    model + optimizer prepared the same way (different init), 10 more steps: scales and
-    parameters bitwise equal to the uninterrupted run."""
-    _check(ranks, "dcp_resume")

@@ -27,10 +27,7 @@ scale reaches 1.47 after 40 steps, and ``resume_from_checkpoint`` continues bitw
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +35,7 @@ from typing import Any
 import pytest
 import torch
 
+import jobs
 import manic
 
 # not a skip: without deepspeed this module fails to collect
@@ -53,14 +51,6 @@ MODEL_NUMEL = 8 * 16 + 16 + 16 * 16 + 16 + 16 * 2 + 2   # the float32 MLP there:
 REL_TOL = 1e-5      # ZeRO-1/2/3 vs ZeRO-0: measured at most 4.4e-7 (float32 round-off of the partial sums)
 # the first DeepSpeed process on a machine JIT-builds DeepSpeed's shared-memory op (1-3 min on 2 busy cores)
 LAUNCH_TIMEOUT = 420
-
-_LAUNCH_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
-                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
-
-
-def _errors(out: Path) -> str:
-    return "".join(f"--- {p.name} ---\n{p.read_text()}\n" for p in sorted(out.glob("rank*.err")))
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> list[dict[str, Any]]:
@@ -83,27 +73,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> list[dict[
 
 
 def _launch(out: Path) -> list[dict[str, Any]]:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-    env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
            str(JOB), str(out)]
-    # its own session: on a timeout torchrun and both ranks are killed together
-    proc = subprocess.Popen(cmd, cwd=out, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"the DeepSpeed job did not finish within {LAUNCH_TIMEOUT}s (a hung collective?)\n"
-                    f"{_errors(out)}--- output (tail) ---\n{log[-4000:]}")
-    errors = _errors(out)
-    if proc.returncode != 0 or errors:
-        pytest.fail(f"the DeepSpeed job failed (exit code {proc.returncode})\n{errors}\n"
-                    f"--- output (tail) ---\n{log[-4000:]}")
-    missing = [r for r in range(WORLD) if not (out / f"rank{r}.pt").exists()]
-    assert not missing, f"ranks {missing} wrote no result\n{log[-4000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return jobs.run(cmd, out, WORLD, LAUNCH_TIMEOUT, "the DeepSpeed job")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

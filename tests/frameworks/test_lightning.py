@@ -16,9 +16,6 @@ parameters; the scale must have moved far from ``s_init=1e-6`` and agree on ever
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,42 +23,17 @@ from typing import Any
 import pytest
 import torch
 
+import jobs
+
 JOB = Path(__file__).with_name("lightning_job.py")
 N, HALF = 40, 20                      # as in lightning_job.py
 PARAM_BYTES = 8 * (8 * 16 + 16 + 16 * 16 + 16 + 16 * 2 + 2)   # the float64 MLP there
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="needs lightning")
 
-# What a launcher may have left in the environment would change how Lightning starts ranks.
-_LAUNCH_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR",
-                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "PL_GLOBAL_SEED", "PL_TRAINER_GPUS")
-
-
 def launch(mode: str, out: Path, world: int, timeout: float) -> list[dict[str, Any]]:
     """Run the job; return each rank's results (fail with the ranks' tracebacks otherwise)."""
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-    env["OMP_NUM_THREADS"] = "1"
-    # its own session: on a timeout the whole group (rank 0 and the rank 1 it started) is killed
-    proc = subprocess.Popen([sys.executable, str(JOB), mode, str(out)], cwd=out, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"{mode}: the Lightning job did not finish within {timeout}s (hung collective?)\n"
-                    f"{_errors(out)}{log[-3000:]}")
-    errors = _errors(out)
-    if proc.returncode != 0 or errors:
-        pytest.fail(f"{mode}: the Lightning job failed (exit code {proc.returncode})\n{errors}\n"
-                    f"--- output (tail) ---\n{log[-3000:]}")
-    missing = [r for r in range(world) if not (out / f"rank{r}.pt").exists()]
-    assert not missing, f"{mode}: ranks {missing} wrote no result\n{log[-3000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
-
-def _errors(out: Path) -> str:
-    return "".join(f"--- {p.name} ---\n{p.read_text()}\n" for p in sorted(out.glob("rank*.err")))
+    return jobs.run([sys.executable, str(JOB), mode, str(out)], out, world, timeout, f"{mode}: the Lightning job")
 
 
 def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:

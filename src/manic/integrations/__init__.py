@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..engine import TunerReadout, effective_lrs, per_group
+from ..readout import TunerReadout, effective_lrs, per_group
 from ..optimizer import Mechanized
 from ..seed import Mechanic, Updater
 

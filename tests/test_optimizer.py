@@ -1,4 +1,4 @@
-"""``manic.mechanize(base)`` honours the torch.optim.Optimizer contract, as torch's own generic
+"""optimizer.py: ``manic.mechanize(base)`` honours the torch.optim.Optimizer contract, as torch's own generic
 optimizer tests (test/test_optim.py) check it: shared param groups, LR schedulers, step and
 state-dict hooks, deepcopy, repr, checkpoints that resume bitwise (both forms, both store_delta
 modes), named parameters, add_param_group, closures, GradScaler, plain base state dicts, opted-out
@@ -134,9 +134,7 @@ def test_step_hooks_instance_and_global_fire_exactly_once_per_step():
     try:
         for t in range(3):
             calls.clear()
-            opt.zero_grad()
-            loss_at(model, t).backward()
-            opt.step()
+            train(model, opt, 1, start=t)
             # torch's order (test_optim.py test_step_all_hooks): global pre, pre, post, global post
             assert [k for k, _ in calls] == ["gpre", "pre", "post", "gpost"]
             assert all(o is opt for _, o in calls)
@@ -147,9 +145,7 @@ def test_step_hooks_instance_and_global_fire_exactly_once_per_step():
     for h in handles:
         h.remove()
     calls.clear()
-    opt.zero_grad()
-    loss_at(model, 3).backward()
-    opt.step()
+    train(model, opt, 1, start=3)
     assert calls == []
 
 
@@ -164,9 +160,7 @@ def test_step_hooks_registered_on_the_base_fire_once_per_step():
     opt.register_step_post_hook(lambda o, a, k: calls.append(("post", o)))
     for t in range(2):
         calls.clear()
-        opt.zero_grad()
-        loss_at(model, t).backward()
-        opt.step()
+        train(model, opt, 1, start=t)
         assert [k for k, _ in calls] == ["pre", "base_pre", "base_post", "post"]
         assert [o for _, o in calls] == [opt, base, base, opt]
 
@@ -240,6 +234,72 @@ def test_state_dict_hooks_prepend_order():
     opt.register_state_dict_pre_hook(lambda o: order.append("b"), prepend=True)
     opt.state_dict()
     assert order == ["b", "a"]
+
+
+def _hooked(opt: torch.optim.Optimizer, model: torch.nn.Module) -> list[tuple]:
+    """Every kind of hook torch.optim offers, registered twice (prepended where torch allows), through a
+    step with and without a closure, a state_dict and a load_state_dict, then one of each removed: what
+    ran, in order, what it was given, and what its return value did."""
+    log: list[tuple] = []
+    me = lambda o: o is opt  # noqa: E731
+
+    def step_hook(name):
+        return lambda o, args, kwargs: log.append((name, me(o), len(args), sorted(kwargs)))
+
+    def sd_post(name, replace):
+        def hook(o, sd):
+            log.append((name, me(o), "marker" in sd))
+            return {**sd, "marker": name} if replace else None
+        return hook
+
+    def load_pre(name, replace):
+        def hook(o, sd):
+            log.append((name, me(o), sd.get("marker")))
+            return {k: v for k, v in sd.items() if k != "marker"} if replace else None
+        return hook
+
+    handles = [opt.register_step_pre_hook(step_hook("step_pre_a")), opt.register_step_pre_hook(step_hook("step_pre_b")),
+               opt.register_step_post_hook(step_hook("step_post_a")),
+               opt.register_step_post_hook(step_hook("step_post_b")),
+               opt.register_state_dict_pre_hook(lambda o: log.append(("sd_pre_a", me(o)))),
+               opt.register_state_dict_pre_hook(lambda o: log.append(("sd_pre_b", me(o))), prepend=True),
+               opt.register_state_dict_post_hook(sd_post("sd_post_a", True)),
+               opt.register_state_dict_post_hook(sd_post("sd_post_b", False), prepend=True),
+               opt.register_load_state_dict_pre_hook(load_pre("load_pre_a", True)),
+               opt.register_load_state_dict_pre_hook(load_pre("load_pre_b", False), prepend=True),
+               opt.register_load_state_dict_post_hook(lambda o: log.append(("load_post_a", me(o)))),
+               opt.register_load_state_dict_post_hook(lambda o: log.append(("load_post_b", me(o))), prepend=True)]
+    g_pre = register_optimizer_step_pre_hook(step_hook("global_pre"))
+    g_post = register_optimizer_step_post_hook(step_hook("global_post"))
+    try:
+        for t in range(2):
+            opt.zero_grad()
+            if t == 0:
+                loss_at(model, t).backward()
+                opt.step()
+            else:
+                opt.step(lambda: loss_at(model, t).backward())
+        sd = opt.state_dict()
+        log.append(("state_dict", sd.get("marker")))
+        opt.load_state_dict(copy.deepcopy(sd))
+        for h in handles[::2]:
+            h.remove()
+        train(model, opt, 1, start=2)
+        opt.load_state_dict(opt.state_dict())
+    finally:
+        g_pre.remove()
+        g_post.remove()
+    return log
+
+
+def test_the_hooks_run_by_hand_are_torch_s():
+    """Mechanized bypasses Optimizer.__init__ (optimizer.py says why) and runs the state-dict hooks itself:
+    every hook kind runs exactly as on a torch optimizer (order, prepend, arguments, return values, removal)."""
+    torch_model, manic_model = make_model(), make_model()
+    torch_log = _hooked(torch.optim.SGD(torch_model.parameters(), lr=0.1, momentum=0.9), torch_model)
+    manic_log = _hooked(manic.mechanize(torch.optim.SGD(manic_model.parameters(), lr=0.1, momentum=0.9)), manic_model)
+    assert manic_log == torch_log
+    assert ("state_dict", "sd_post_a") in torch_log and ("load_post_b", True) in torch_log  # (the log is not empty)
 
 
 # --------------------------------------------------------------------------- deepcopy, repr
