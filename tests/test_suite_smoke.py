@@ -13,12 +13,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# ~30 s on a quiet 2-core machine; the limits leave room for a machine shared with other jobs
-@pytest.mark.timeout(150)
+# ~30 s on a lightly loaded 2-core machine, 135 s at load 12; the limit (as the other benchmark smoke tests) is a hang guard
+@pytest.mark.timeout(300)
 def test_suite_quick(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "benchmarks/suite.py", "--quick", "--jobs", "1", "--out", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=140)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=290)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(tmp_path / "suite_quick.csv") as f:
         rows = list(csv.DictReader(f))
