@@ -79,7 +79,8 @@ def prepare(groups: list[dict[str, Any]], layout: Layout, buffers: dict[int, Buf
     ds, transient = mode.direction(xs, bufs)
     sums = layout.reducer.all_reduce_sum(local_sums(layout, xs, ds, fns).reshape(*state.lr_ref.shape, 4))
     new, h, ok = tuner.update(state, sums, hyper, beta)
-    last = {"h": h, "grad_norm": sums[..., tuner.G_SQ].sqrt(), "param_norm": sums[..., tuner.X_SQ].sqrt()}
+    norms = sums[..., [tuner.G_SQ, tuner.X_SQ]].sqrt().to(layout.dtype)
+    last = {"h": h, "grad_norm": norms[..., 0], "param_norm": norms[..., 1]}
     skip_base = options.skip_nonfinite and not bool(ok)  # the one host sync, by request
     if not skip_base:
         transient = mode.snapshot(xs, transient)
@@ -93,8 +94,9 @@ def views(layout: Layout, buffers: dict[int, Buffers]) -> tuple[list[Tensor], li
 
 
 def local_sums(layout: Layout, xs: list[Tensor], ds: list[Tensor], fns: Kernels) -> Tensor:
-    """This rank's partial sums (G_DOT_D, X_DOT_D, G_SQ, X_SQ) per tuner, shape (tuners, 4), over the
-    slots with their local ``xs`` and directions ``ds`` (a replicated parameter counts on one rank)."""
+    """This rank's partial sums (G_DOT_D, X_DOT_D, G_SQ, X_SQ) per tuner, shape (tuners, 4), in float64
+    (tuner.WIDE: what the one all-reduce sends), over the slots with their local ``xs`` and directions
+    ``ds`` (a replicated parameter counts on one rank)."""
     return torch.stack([_sums([(layout.slots[k], xs[k], ds[k]) for k in ks], layout, fns) for ks in layout.tuners])
 
 
@@ -114,7 +116,7 @@ def _sums(parts: list[tuple[Slot, Tensor, Tensor]], layout: Layout, fns: Kernels
         gs.append(local(g))
         gds.append(d)
         negate.append(s.negate)
-    return fns.partial_sums(gs, gds, negate, xs, xds, layout.dtype, layout.device)
+    return fns.partial_sums(gs, gds, negate, xs, xds, tuner.WIDE, layout.device)
 
 
 @torch.no_grad()
