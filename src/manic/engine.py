@@ -186,6 +186,11 @@ class Engine:
     # ------------------------------------------------------------------ storage
     def publish(self) -> None:
         """Make the base optimizer carry Mechanic's tensors (storage.publish)."""
+        groups = len(self.optimizer.param_groups)
+        if self.hyper.per_group and not self.started and self.tuner.s.shape[0] != groups:
+            # a group added before the start: one tuner per group, so the saved state fits a fresh optimizer
+            self.tuner = TunerState.fresh(self.hyper, self.tuner.s.dtype, self.tuner.s.device, groups)
+            self._last = _nan_stats(self.tuner)
         self._published = storage.publish(self.optimizer, self.tuner, self.hyper, self.layout, self.buffers,
                                           self._published)
 
