@@ -203,10 +203,16 @@ def test_groups_added_before_the_first_step_count_after_it_raises():
         p.grad = torch.ones_like(p)
     opt.step()
     assert opt.scale.shape == (2,)
-    opt.add_param_group({"params": [params[2]]})
+    with pytest.raises(ValueError, match="per_group=True.*cannot be added after the first step"):
+        opt.add_param_group({"params": [params[2]]})  # refused at the call (issue 28)
+    assert len(opt.param_groups) == 2
+    opt.base_optimizer.add_param_group({"params": [params[2]]})  # past Mechanic: refused at the next step
     params[2].grad = torch.ones_like(params[2])
     with pytest.raises(RuntimeError, match="per_group=True.*3 groups.*started with 2"):
         opt.step()
+    opt.base_optimizer.param_groups.pop()
+    opt.state_dict()  # and once the group is gone, everything works again
+    opt.step()
 
 
 def test_launcher_per_group_builds_a_tuner_per_layer():

@@ -74,17 +74,18 @@ def is_optimizer_internal(name: str) -> bool:
     return name in ("step", "_opt_called") or name.startswith("_optimizer_")
 
 
-def step_with_own_hooks(optimizer: torch.optim.Optimizer) -> None:
+def step_with_own_hooks(optimizer: torch.optim.Optimizer, closure: Any = None) -> Any:
     """``optimizer.step()`` without the global optimizer hooks (the mechanized optimizer's
     step already ran them), but with the instance's own hooks, as torch's step wrapper does."""
     step = type(optimizer).step
     inner = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
+    args = () if closure is None else (closure,)
     if inner is None:
-        optimizer.step()
-        return
+        return optimizer.step(*args)
     for hook in optimizer._optimizer_step_pre_hooks.values():
-        hook(optimizer, (), {})
-    inner(optimizer)
+        hook(optimizer, args, {})
+    out = inner(optimizer, *args)
     for hook in optimizer._optimizer_step_post_hooks.values():
-        hook(optimizer, (), {})
+        hook(optimizer, args, {})
     optimizer._opt_called = True  # type: ignore[attr-defined]  # an LR scheduler built on the base checks it
+    return out

@@ -18,11 +18,11 @@ from torch import Tensor
 
 from . import kernels, step, storage, tuner
 from .compat import local
-from .layout import Layout, bind, carry
+from .layout import Layout, bind, carry, check_unique
 from .modes import Buffers
 from .options import Options
 from .readout import TunerReadout
-from .state import check_state_dict
+from .state import check_state_dict, strip_mechanic
 from .tuner import TunerState
 
 _NAN_STATS = ("h", "grad_norm", "param_norm")
@@ -59,12 +59,32 @@ class Engine:
         self._plan: step.Plan | None = None
         self._last = _nan_stats(self.tuner)
         self._published: storage.Published = ()
+        self._own_load = False  # the engine is loading the base optimizer itself
+        self._pending: tuple | None = None  # a load through the base optimizer, between its two hooks
         _ENGINES[id(optimizer)] = self
+        self._hook()
         self.publish()
+
+    def _hook(self) -> None:
+        """Follow loads made through the base optimizer itself (``opt.base_optimizer.load_state_dict``,
+        the seed API's ``mechanic.optimizer``): Mechanic's part of the state dict is checked before the
+        base loads anything, and loaded after it."""
+        self.optimizer.register_load_state_dict_pre_hook(_base_load_pre)
+        self.optimizer.register_load_state_dict_post_hook(_base_load_post)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A pickle or a deep copy: the layout holds weak references (and the reducer, perhaps a process
+        # group); the copy binds again at its next step, keeping the buffers by position.
+        state = dict(self.__dict__)
+        state.update(layout=None, _plan=None, _published=(), _pending=None, _kernels=None)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # a deep copy or an unpickled one
         self.__dict__.update(state)
+        self._kernels = kernels.compiled() if self.options.compile else kernels.EAGER
         _ENGINES[id(self.optimizer)] = self
+        if _base_load_pre not in getattr(self.optimizer, "_optimizer_load_state_dict_pre_hooks", {}).values():
+            self._hook()
 
     # ------------------------------------------------------------------ the layout
     @property
@@ -85,10 +105,14 @@ class Engine:
         if self.layout is not None and self.layout.matches(self.optimizer):
             return self.layout, self.buffers
         layout = self._bind()
+        if self.layout is None and self.started:  # unpickled or deep-copied: the same positions
+            return layout, self.buffers
         if self.layout is None or not self.started:
             return layout, {}  # buffers before the start are made afresh at the start
-        join = lambda p: self.hyper.mode.new_buffers(p, self.options.fp32_reference)  # noqa: E731
-        return layout, carry(self.layout, layout, self.buffers, join)
+        mode, fp32 = self.hyper.mode, self.options.fp32_reference
+        join = lambda p: mode.new_buffers(p, fp32)  # noqa: E731
+        place = lambda p, b: {k: mode.placed(p, k, v, fp32) for k, v in b.items()}  # noqa: E731
+        return layout, carry(self.layout, layout, self.buffers, join, place)
 
     def sync(self) -> None:
         """Follow a change of the param groups now (outside a step) if Mechanic holds state."""
@@ -162,6 +186,11 @@ class Engine:
     # ------------------------------------------------------------------ storage
     def publish(self) -> None:
         """Make the base optimizer carry Mechanic's tensors (storage.publish)."""
+        groups = len(self.optimizer.param_groups)
+        if self.hyper.per_group and not self.started and self.tuner.s.shape[0] != groups:
+            # a group added before the start: one tuner per group, so the saved state fits a fresh optimizer
+            self.tuner = TunerState.fresh(self.hyper, self.tuner.s.dtype, self.tuner.s.device, groups)
+            self._last = _nan_stats(self.tuner)
         self._published = storage.publish(self.optimizer, self.tuner, self.hyper, self.layout, self.buffers,
                                           self._published)
 
@@ -176,13 +205,28 @@ class Engine:
         anything changes."""
         layout = self._check_state_dict(sd) if sd is not None else None
         if base is not None:
-            storage.load_base(self.optimizer, base)
+            self._load_base(base)
         self._load(sd, layout)
 
     def load_base(self, base: Callable[[], Any]) -> None:
         """Load the base optimizer's state alone (``base``), and publish Mechanic's tensors into it again."""
-        storage.load_base(self.optimizer, base)
+        self._load_base(base)
         self.publish()
+
+    def _load_base(self, base: Callable[[], Any]) -> None:
+        self._own_load = True
+        try:
+            storage.load_base(self.optimizer, base)
+        finally:
+            self._own_load = False
+
+    def check_add_group(self) -> None:
+        """Raise if a param group cannot be added now (per_group=True after the start: its tuners are fixed)."""
+        if self.hyper.per_group and self.started:
+            raise ValueError(
+                "per_group=True keeps one tuner per param group, fixed when Mechanic starts; a group cannot be added "
+                "after the first step. Add every param group before the first step, or rebuild the optimizer and "
+                "Mechanic (per_group=False takes groups at any time)")
 
     def _check_state_dict(self, sd: dict[str, Any]) -> Layout:
         """Raise ValueError if ``sd`` (the form of ``state_dict``) cannot be loaded here; return
@@ -207,6 +251,34 @@ class Engine:
         self._install(layout, buffers, state)
 
 
+def _base_load_pre(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str, Any] | None:
+    """A load through the base optimizer: check Mechanic's part first (a mismatch raises before the base
+    loads anything) and hand the base its own part."""
+    engine = _ENGINES.get(id(optimizer))
+    if engine is None or engine.optimizer is not optimizer or engine._own_load:
+        return None
+    base_sd, mechanic_sd = strip_mechanic(sd)
+    storage.check_base_state(optimizer, base_sd)
+    layout = engine._check_state_dict(mechanic_sd) if mechanic_sd is not None else None
+    flags = [g.get("mechanic") for g in optimizer.param_groups]
+    engine._pending = (mechanic_sd, layout, flags)
+    return base_sd
+
+
+def _base_load_post(optimizer: torch.optim.Optimizer) -> None:
+    """... then load Mechanic's part (none: Mechanic starts afresh from the loaded point, as
+    ``Mechanized.load_state_dict`` does with a plain state dict)."""
+    engine = _ENGINES.get(id(optimizer))
+    if engine is None or engine._pending is None:
+        return
+    mechanic_sd, layout, flags = engine._pending
+    engine._pending = None
+    for group, flag in zip(optimizer.param_groups, flags):
+        if flag is not None:
+            group["mechanic"] = flag
+    engine._load(mechanic_sd, layout)
+
+
 def _nan_stats(state: TunerState) -> dict[str, Tensor]:
     """The statistics before the first step: NaN, one per tuner."""
     return {k: torch.full(state.lr_ref.shape, float("nan"), dtype=state.s.dtype, device=state.s.device)
@@ -224,6 +296,7 @@ def _check_optimizer(optimizer: Any) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"Mechanic wraps a torch.optim.Optimizer instance, got {type(optimizer).__name__}; "
                         "build the base optimizer first, e.g. torch.optim.AdamW(model.parameters())")
+    check_unique(optimizer)
     if engine_of(optimizer) is not None:
         raise TypeError("This optimizer is already under Mechanic; wrap the base optimizer once")
     if isinstance(optimizer, torch.optim.LBFGS):
@@ -232,10 +305,14 @@ def _check_optimizer(optimizer: Any) -> None:
     for group in optimizer.param_groups:
         clash = [k for k in group if k.startswith("mechanic_")]
         if clash:
-            raise ValueError(f"The base optimizer's param group already has keys {clash}; Mechanic reserves "
-                             "the prefix 'mechanic_'")
+            raise ValueError(f"The base optimizer's param group already has keys {clash}: Mechanic's state, from "
+                             "a checkpoint of a mechanized optimizer loaded into the plain one. Wrap first, then "
+                             "load: opt = manic.mechanize(optimizer); opt.load_state_dict(checkpoint). (Mechanic "
+                             "reserves the prefix 'mechanic_')")
     for st in optimizer.state.values():
         clash = [k for k in st if isinstance(k, str) and k.startswith("mechanic_")]
         if clash:
-            raise ValueError(f"The base optimizer's state already has keys {clash}; Mechanic reserves the "
-                             "prefix 'mechanic_'")
+            raise ValueError(f"The base optimizer's state already has keys {clash}: Mechanic's state, from a "
+                             "checkpoint of a mechanized optimizer loaded into the plain one. Wrap first, then load: "
+                             "opt = manic.mechanize(optimizer); opt.load_state_dict(checkpoint). (Mechanic reserves "
+                             "the prefix 'mechanic_')")

@@ -47,6 +47,7 @@ class Slot:
     negate: bool  # its group maximizes: its gradient counts as -g
     counted: bool  # this rank adds it to the sums (a replicated parameter counts once)
     signature: tuple
+    place: tuple[int, int] = (0, 0)  # (its param group, its position in the group's list)
 
     @property
     def param(self) -> Tensor | None:
@@ -58,7 +59,7 @@ class Layout:
     """The parameters under Mechanic, the reducer for their sums, and the tuner's dtype and device."""
 
     slots: tuple[Slot, ...]
-    seen: tuple[tuple[weakref.ref, bool, bool], ...]  # every parameter of every group: (ref, under, negate)
+    seen: tuple[tuple[weakref.ref, bool, bool, torch.dtype], ...]  # every parameter: (ref, under, negate, dtype)
     reducer: Reducer
     dtype: torch.dtype
     device: torch.device
@@ -79,8 +80,8 @@ class Layout:
             for p in group["params"]:
                 if k == len(seen):
                     return False
-                ref, under, neg = seen[k]
-                if ref() is not p or (on and p.requires_grad) != under or (under and negate != neg):
+                ref, under, neg, dtype = seen[k]
+                if ref() is not p or p.dtype != dtype or (on and p.requires_grad) != under or (under and negate != neg):
                     return False
                 k += 1
         return k == len(seen)
@@ -93,11 +94,13 @@ def bind(optimizer: torch.optim.Optimizer, reducer: Reducer | None, process_grou
     seen, entries = [], []
     for gi, group in enumerate(optimizer.param_groups):
         on, negate = group.get("mechanic", True), bool(group.get("maximize", False))
+        first = len(seen)
         for p in group["params"]:
             under = bool(on and p.requires_grad)
             if under:
-                entries.append((len(seen), p, negate, gi))
-            seen.append((weakref.ref(p), under, negate))
+                entries.append((len(seen), p, negate, (gi, len(seen) - first)))
+            seen.append((weakref.ref(p), under, negate, p.dtype))
+    check_unique(optimizer)
     if not any(g.get("mechanic", True) and g["params"] for g in optimizer.param_groups):
         raise ValueError("The optimizer has no parameters under Mechanic: every param group says 'mechanic': "
                          "False (or has no parameters); let at least one group take part")
@@ -113,7 +116,7 @@ def bind(optimizer: torch.optim.Optimizer, reducer: Reducer | None, process_grou
                          "Mechanic needs them on one device (use one optimizer per device)")
     params = [p for _, p, _, _ in entries]
     num_groups = len(optimizer.param_groups)
-    by_tuner = [gi if per_group else 0 for _, _, _, gi in entries]
+    by_tuner = [place[0] if per_group else 0 for _, _, _, place in entries]
     tuners = tuple(tuple(k for k, t in enumerate(by_tuner) if t == i) for i in range(num_groups if per_group else 1))
     if not params:  # every parameter is frozen: Mechanic idles until one is not
         on = [p for g in optimizer.param_groups if g.get("mechanic", True) for p in g["params"]]
@@ -122,7 +125,7 @@ def bind(optimizer: torch.optim.Optimizer, reducer: Reducer | None, process_grou
         counted = [True] * len(params)
     else:
         reducer, counted = detect(params, process_group, device_mesh)
-    slots = tuple(Slot(i, weakref.ref(p), neg, c, _signature(p)) for (i, p, neg, _), c in zip(entries, counted))
+    slots = tuple(Slot(i, weakref.ref(p), neg, c, _signature(p), place) for (i, p, neg, place), c in zip(entries, counted))
     return Layout(slots, tuple(seen), reducer, _tuner_dtype(params), devices.pop(), num_groups, tuners)
 
 
@@ -130,35 +133,80 @@ def _tuner_dtype(params: list[Tensor]) -> torch.dtype:
     return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
-def carry(old: Layout, new: Layout, buffers: dict[int, Buffers], join: Callable[[Tensor], Buffers] | None
-          ) -> dict[int, Buffers]:
-    """The buffers for ``new``, moved over from ``old`` by position.
+def check_unique(optimizer: torch.optim.Optimizer) -> None:
+    """Raise if a tensor appears more than once in ``optimizer.param_groups`` (torch only warns):
+    Mechanic would keep two references and two Deltas for one tensor, and ``x = x_ref + S * Delta``
+    could not hold for both."""
+    first: dict[int, int] = {}
+    k = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) in first:
+                raise ValueError(f"Parameters {first[id(p)]} and {k} of the optimizer are the same tensor: it "
+                                 "appears more than once in param_groups (torch only warns). Mechanic keeps one "
+                                 "reference and one Delta per tensor; list each parameter once")
+            first[id(p)] = k
+            k += 1
 
-    A position keeps its buffers when its tensor is the same or a replacement of the same
-    shape, dtype, device and placement; a parameter new under Mechanic (added, or unfrozen)
-    gets ``join(p)`` (``None``: no buffers yet); one that left (frozen) loses its buffers.
-    Anything else is ambiguous and raises, naming the parameter.
+
+def carry(old: Layout, new: Layout, buffers: dict[int, Buffers], join: Callable[[Tensor], Buffers] | None,
+          place: Callable[[Tensor, Buffers], Buffers]) -> dict[int, Buffers]:
+    """The buffers for ``new``, moved over from ``old``: identity first, position only for a stranger.
+
+    A tensor Mechanic already holds keeps its own buffers wherever it moved (a reordering, a group
+    inserted in front), re-placed with ``place`` if its dtype or device changed (``model.double()``).
+    A tensor Mechanic never saw takes over the buffers of its position's previous tensor when that one
+    is gone from the optimizer: a framework's replacement (accelerate, DeepSpeed), which must match it
+    in shape, dtype, device and placement. Any other parameter new under Mechanic (added, unfrozen)
+    gets ``join(p)`` (``None``: no buffers yet); one that left (frozen) loses its buffers. A parameter
+    whose buffers have nowhere to go raises, naming it.
     """
+    mine = {id(s.ref()): s for s in old.slots if s.index in buffers and s.ref() is not None}
+    present = {id(r()) for r, *_ in new.seen if r() is not None}
     before = {s.index: s for s in old.slots}
     out: dict[int, Buffers] = {}
+    used: set[int] = set()
     for s in new.slots:
-        o = before.get(s.index)
-        if o is not None and s.index in buffers:
-            if o.ref() is not s.ref() and o.signature != s.signature:
-                was, now = _describe(o.signature), _describe(s.signature)
-                changed = "; ".join(f"{k} {was[k]} -> {now[k]}" for k in was if was[k] != now[k])
-                raise RuntimeError(
-                    f"Parameter {s.index} of the base optimizer was replaced after Mechanic's first step by a "
-                    f"tensor that does not match it ({changed}), so Mechanic cannot carry its state over. Replace "
-                    "parameters before the first step (e.g. build or prepare the optimizer after sharding), or "
-                    "with tensors of the same shape, dtype, device and placement")
-            out[s.index] = buffers[s.index]
+        o = mine.get(id(s.ref()))
+        if o is None:
+            continue
+        if o.signature[:2] != s.signature[:2] or o.signature[4] != s.signature[4]:
+            _replaced(s.index, o.signature, s.signature, "changed shape or placement")
+        out[s.index] = buffers[o.index] if o.signature == s.signature else place(s.ref(), buffers[o.index])
+        used.add(o.index)
+    # a group's counterpart before: the old group its known tensors came from (a group inserted in front
+    # shifts the positions, not the groups' lists); else the group at the same index
+    counterpart: dict[int, int] = {}
+    for s in new.slots:
+        o = mine.get(id(s.ref()))
+        if o is not None:
+            counterpart.setdefault(s.place[0], o.place[0])
+    at = {o.place: o for o in old.slots}
+    for s in new.slots:
+        if s.index in out:
+            continue
+        o = at.get((counterpart.get(s.place[0], s.place[0]), s.place[1])) if counterpart else before.get(s.index)
+        if o is not None and o.index in buffers and o.index not in used and id(o.ref()) not in present:
+            if o.signature != s.signature:
+                _replaced(s.index, o.signature, s.signature, "was replaced by a tensor that does not match it")
+            out[s.index] = buffers[o.index]
+            used.add(o.index)
         elif join is not None:
             out[s.index] = join(s.ref())  # type: ignore[arg-type]
-    lost = sorted(i for i in buffers if i >= len(new.seen))
-    if lost:
+    gone = sorted(o.index for o in old.slots
+                  if o.index in buffers and o.index not in used and id(o.ref()) not in present)
+    if gone:
         raise RuntimeError(
             f"The base optimizer holds {len(new.seen)} parameters, {len(old.seen)} at Mechanic's last step: "
-            f"parameter {lost[0]} is gone, so Mechanic's state for it has nowhere to go. Remove parameters by "
+            f"parameter {gone[0]} is gone, so Mechanic's state for it has nowhere to go. Remove parameters by "
             "freezing them (requires_grad=False) or rebuild the optimizer and Mechanic")
     return out
+
+
+def _replaced(index: int, was_sig: tuple, now_sig: tuple, what: str) -> None:
+    was, now = _describe(was_sig), _describe(now_sig)
+    changed = "; ".join(f"{k} {was[k]} -> {now[k]}" for k in was if was[k] != now[k])
+    raise RuntimeError(
+        f"Parameter {index} of the base optimizer {what} after Mechanic's first step ({changed}), so Mechanic "
+        "cannot carry its state over. Replace parameters before the first step (e.g. build or prepare the "
+        "optimizer after sharding), or with tensors of the same shape, dtype, device and placement")

@@ -11,6 +11,7 @@ from .engine import Engine
 from .options import Options, with_options_signature
 from .readout import TunerReadout
 from .state import strip_mechanic
+from .storage import check_base_state
 
 
 class Mechanized(TunerReadout, torch.optim.Optimizer):
@@ -68,14 +69,13 @@ class Mechanized(TunerReadout, torch.optim.Optimizer):
         loss = None
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
+                loss = closure()  # the gradients at x_t, which Mechanic's sums need
         self._engine.prepare()
-        self._engine.step_base(self._step_base)
-        return loss
-
-    def _step_base(self) -> None:
+        base_closure = None if closure is None else _once(closure, loss, [p for g in self.param_groups
+                                                                         for p in g["params"]])
         # the global step hooks already ran for this optimizer: run only the base's own
-        step_with_own_hooks(self._base)
+        self._engine.step_base(lambda: step_with_own_hooks(self._base, base_closure))
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._base.zero_grad(set_to_none=set_to_none)
@@ -83,6 +83,7 @@ class Mechanized(TunerReadout, torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer; its parameters come under Mechanic (unless
         the group says ``"mechanic": False``) with their current values as reference."""
+        self._engine.check_add_group()
         self._base.add_param_group(param_group)
         self._engine.sync()
 
@@ -108,6 +109,7 @@ class Mechanized(TunerReadout, torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         base_sd, mechanic_sd = strip_mechanic(state_dict)
+        check_base_state(self._base, base_sd)
         self._engine.load(mechanic_sd, base=lambda: self._base.load_state_dict(base_sd))
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -123,6 +125,24 @@ class Mechanized(TunerReadout, torch.optim.Optimizer):
         base = "\n".join("    " + line for line in repr(self._base).splitlines()).lstrip()
         return (f"Mechanized(\n    {base},\n    weight_decay={h.weight_decay}, eps={h.eps}, s_init={h.s_init}, "
                 f"num_betas={h.num_betas}, store_delta={h.store_delta}, state={h.state!r},\n    reducer={reducer}\n)")
+
+
+def _once(closure: Callable[[], Any], loss: Any, params: list[torch.Tensor]) -> Callable[[], Any]:
+    """The closure for the base step: while the parameters are as they were when ``closure`` ran, its
+    first call returns that loss (a first-order base calls it first, at x_t: no second evaluation);
+    a base that moves the parameters before calling it (SAM) gets a real evaluation there."""
+    versions = [p._version for p in params]
+    fresh = [True]
+
+    def call() -> Any:
+        if fresh[0] and all(p._version == v for p, v in zip(params, versions)):
+            fresh[0] = False
+            return loss
+        fresh[0] = False
+        with torch.enable_grad():
+            return closure()
+
+    return call
 
 
 @with_options_signature

@@ -63,6 +63,11 @@ class Updater:
         return {"base_optimizer": base, "lr_scheduler": sched}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or "base_optimizer" not in state_dict:
+            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"Updater.load_state_dict takes what updater.state_dict() returns (keys 'base_optimizer' "
+                             f"and 'lr_scheduler'), got {keys}; an optimizer's own state dict loads with "
+                             "updater.base_optimizer.load_state_dict(...)")
         base, _ = strip_mechanic(state_dict["base_optimizer"])
         if self._engine is None:
             self.base_optimizer.load_state_dict(base)

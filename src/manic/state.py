@@ -77,10 +77,9 @@ def check_state_dict(sd: dict[str, Any], hyper: Resolved, entries: list[tuple[in
     for i, p in mine_by_index.items():
         entry = {k: v for k, v in state.get(i, {}).items() if k in PARAM_KEYS}
         if not entry:
-            # (FSDP1 with use_orig_params=True keeps no state for a rank's empty views)
-            if started and _local_numel(p) > 0:
-                raise ValueError(f"Checkpoint has no Mechanic buffers for parameter {i}; it comes from another "
-                                 "model or optimizer layout")
+            # not under Mechanic when saved (frozen then): it joins now, from its current value, as a
+            # parameter unfrozen during a run does (and FSDP1 with use_orig_params=True keeps no state
+            # for a rank's empty views)
             continue
         if set(entry) != want_keys:
             raise ValueError(f"Checkpoint parameter {i} has Mechanic buffers {sorted(entry)}, expected "
@@ -131,7 +130,3 @@ def strip_mechanic(sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] |
     if not tuner_entries:
         return base, None
     return base, {"state": params, "tuner": tuner_entries}
-
-
-def _local_numel(p: Tensor) -> int:
-    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()

@@ -48,22 +48,31 @@ Published = tuple  # (optimizer.state, layout, buffers) as last published; () be
 
 def publish(optimizer: torch.optim.Optimizer, tuner: TunerState, hyper: Resolved, layout: Layout | None,
             buffers: dict[int, Buffers], before: Published) -> Published:
-    """Make the base optimizer's state and first param group carry Mechanic's tensors (a no-op when
-    nothing changed since ``before``, what the last call returned)."""
-    group, state = optimizer.param_groups[0], optimizer.state
+    """Make the base optimizer's state and first param group carry Mechanic's tensors. Every entry is
+    checked each time (a dict lookup per parameter), so an entry a user removed (``optimizer.state.clear()``,
+    ``del optimizer.state[p]``) or a group inserted in front comes back at once; parameters that left the
+    layout since ``before`` (what the last call returned) lose theirs."""
+    groups, state = optimizer.param_groups, optimizer.state
+    group = groups[0]
     if group.get("mechanic_s") is not tuner.s or group.get("mechanic_lr_ref") is not tuner.lr_ref:
         group.update(group_entries(tuner, hyper))
-    key = (state, layout, buffers)
-    if len(before) == 3 and all(a is b for a, b in zip(key, before)):
-        return before
+        for other in groups[1:]:  # the first group changed (one inserted in front): one copy only
+            for k in [k for k in other if k.startswith("mechanic_")]:
+                del other[k]
     now = {}
     if layout is not None:
         for s in layout.slots:
-            if s.index in buffers:
-                p = s.ref()
-                state[p].update(buffers[s.index])
-                now[id(p)] = p
-    if before and before[1] is not None:
+            mine = buffers.get(s.index)
+            if mine is None:
+                continue
+            p = s.ref()
+            entry = state[p]
+            for k, v in mine.items():
+                if entry.get(k) is not v:
+                    entry[k] = v
+            now[id(p)] = p
+    key = (state, layout, buffers)
+    if len(before) == 3 and before[1] is not None and before[1] is not layout:
         for s in before[1].slots:  # parameters that left: their entries lose Mechanic's buffers
             p = s.ref()
             if p is None or id(p) in now or p not in state:
@@ -79,6 +88,31 @@ def publish(optimizer: torch.optim.Optimizer, tuner: TunerState, hyper: Resolved
 def state_dict(tuner: TunerState, hyper: Resolved, buffers: dict[int, Buffers]) -> dict[str, Any]:
     """Mechanic's own state: {"state": {index: {the mode's buffers}}, "tuner": {mechanic_*}}."""
     return {"state": {i: dict(b) for i, b in buffers.items()}, "tuner": group_entries(tuner, hyper)}
+
+
+# per-parameter state that torch's optimizers keep in the parameter's shape
+PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta", "sum",
+                "ax", "exp_inf", "prev", "grad_avg")
+
+
+def check_base_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+    """Raise ValueError if a base optimizer's state dict holds state of another shape than its parameter
+    (a checkpoint of another model that torch's own load would accept and the next step would trip on)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved = [k for g in sd.get("param_groups", []) for k in g.get("params", [])]
+    if len(saved) != len(params):
+        return  # torch's load_state_dict refuses this itself
+    position = {key: i for i, key in enumerate(saved)}
+    for key, entry in sd.get("state", {}).items():
+        i = position.get(key)
+        if i is None or not isinstance(entry, dict):
+            continue
+        for k in PARAM_SHAPED:
+            v = entry.get(k)
+            if isinstance(v, Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(params[i].shape):
+                raise ValueError(f"The state dict's {k} of parameter {i} has shape {tuple(v.shape)}, the parameter "
+                                 f"has {tuple(params[i].shape)}: it comes from another model; load a state dict "
+                                 "saved from this model's optimizer")
 
 
 def load_base(optimizer: torch.optim.Optimizer, load: Callable[[], Any]) -> None:
