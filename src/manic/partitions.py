@@ -22,9 +22,10 @@ Refused, before the first part steps (the message names the cause and the fix):
   - ``skip_nonfinite=True``: when the global sums are not finite the one-group step skips the base step,
     but the earlier parts have already taken theirs (DeepSpeed itself skips a step whose gradients are
     not finite, before the client optimizer sees it).
-  - optimizer offload (ZeRO-1/2 ``offload_optimizer``; ZeRO-3 ``offload_optimizer``, NVMe swap): a
-    part's fp32 partition and state may live elsewhere (swapped out, or in DeepSpeed's second optimizer)
-    by the time the scale is known; untested, so not supported with several parts.
+  - optimizer offload (``offload_optimizer``): under ZeRO-3 a sub-group's fp32 partition and state may
+    be swapped out, or stepped by DeepSpeed's second optimizer, before the last sub-group; under ZeRO-1/2
+    the model's copies are made through DeepSpeed's offload buffers, which this module does not redo.
+    Untested, so not supported with several parts.
 With one part (one param group, and under ZeRO-3 one sub-group) the engine's ordinary step runs.
 
 What this relies on in DeepSpeed (0.19.8), all checked where it is used, so that a DeepSpeed that
@@ -114,10 +115,12 @@ def _detect(engine: Engine) -> Zero | None:
             f"{fix}")
     if getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False) \
             or getattr(zero, "swap_optimizer", False):
+        where = ("a sub-group's fp32 partition and state may be swapped out, or stepped by DeepSpeed's second "
+                 "optimizer, before the last sub-group" if stage3 else "the model's copy of each part is made "
+                 "through DeepSpeed's offload buffers, which Mechanic does not make again")
         raise NotImplementedError(
-            f"{what}, with optimizer offload: Mechanic rebases every part at the last one, and with offload "
-            "a part's fp32 partition and state may be elsewhere by then (swapped out, or in DeepSpeed's "
-            f"second optimizer); this is not supported with several parts. Turn offload_optimizer off, or {fix}")
+            f"{what}, with optimizer offload: Mechanic rebases every part at the last one, and {where}; not "
+            f"supported with several parts (untested). Turn offload_optimizer off, or {fix}")
     return z
 
 
