@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from . import kernels, step, storage, tuner
+from .compat import disable_dynamo
 from .layout import Layout
 
 if TYPE_CHECKING:
@@ -69,9 +70,8 @@ def of(engine: Engine) -> Zero | None:
 
 def _caller(engine: Engine) -> tuple[Any, dict[str, Any]] | None:
     """DeepSpeed's ZeRO optimizer whose ``_optimizer_step`` is stepping this engine's optimizer now, and
-    that frame's locals; None if no such call is on the stack."""
-    if "deepspeed" not in sys.modules:
-        return None
+    that frame's locals; None if no such call is on the stack (a walk of a few frames: at the first step,
+    and at each part of a step over several)."""
     f = sys._getframe(1)
     try:
         for _ in range(_DEPTH):
@@ -88,6 +88,7 @@ def _caller(engine: Engine) -> tuple[Any, dict[str, Any]] | None:
         del f
 
 
+@disable_dynamo  # (frames are the interpreter's: looked at eagerly under torch.compile(opt.step))
 def _detect(engine: Engine) -> Zero | None:
     found = _caller(engine)
     if found is None:
@@ -223,9 +224,14 @@ class Zero:
     def prepare(self, engine: Engine) -> PartPlan:
         """Before part k's base step: (at the first part) the step's first half over every part, then the
         part's local sums and transient."""
-        k, groups = self._now(engine)
-        parts = self.parts()
         p = self.pending
+        try:
+            k, groups = self._now(engine)
+        except RuntimeError:
+            if p is not None:  # (DeepSpeed leaves the client's groups as its failed step left them)
+                raise self._broken(p, None) from None
+            raise
+        parts = self.parts()
         if k == 0:
             if p is not None:
                 raise self._broken(p, k)
@@ -298,14 +304,14 @@ class Zero:
         rank = dist.get_rank(group=z.real_dp_process_group[k])
         z.parallel_partitioned_bit16_groups[k][rank].data.copy_(z.single_partition_of_fp32_groups[k].data)
 
-    def _broken(self, p: _Pending | None, k: int) -> RuntimeError:
+    def _broken(self, p: _Pending | None, k: int | None) -> RuntimeError:
         n = len(self.parts())
         if p is None:
             return RuntimeError(f"DeepSpeed stepped part {k} of {n} of the client optimizer without part 0 first; "
                                 "Mechanic needs every part of a step, in order")
         return RuntimeError(
             f"DeepSpeed's previous step stopped after part {p.next} of {n} of the client optimizer (an error in "
-            f"its step, or a step skipped for one part only), and now steps part {k}: the parts before it took "
+            "its step, or a step skipped for some parts only), and now steps again: the parts before it took "
             "their base step without Mechanic's rebase, so the model is no longer where Mechanic's state says. "
             "Load a checkpoint (engine.load_checkpoint) to go on")
 
