@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 NOT_UNDER_ZERO = "not under ZeRO"  # the engine's mark: steps do not come part by part (looked once)
-_DEPTH = 12  # frames between DeepSpeed's _optimizer_step and here (through a GradScaler, torch's hooks)
+_DEPTH = 20  # frames between DeepSpeed's _optimizer_step and here (~8 through a GradScaler and torch's hooks)
 
 
 def of(engine: Engine) -> Zero | None:
@@ -68,10 +68,11 @@ def of(engine: Engine) -> Zero | None:
     return None if zero is NOT_UNDER_ZERO else zero
 
 
-def _caller(engine: Engine) -> tuple[Any, dict[str, Any]] | None:
+@disable_dynamo  # (frames are the interpreter's: looked at eagerly under torch.compile(opt.step))
+def _caller(engine: Engine) -> tuple[Any, Any] | None:
     """DeepSpeed's ZeRO optimizer whose ``_optimizer_step`` is stepping this engine's optimizer now, and
-    that frame's locals; None if no such call is on the stack (a walk of a few frames: at the first step,
-    and at each part of a step over several)."""
+    that call's ``original_param_groups`` (ZeRO-1/2: the full groups); None if no such call is on the
+    stack (a walk of a few frames: at the first step, and at each part of a step over several)."""
     f = sys._getframe(1)
     try:
         for _ in range(_DEPTH):
@@ -82,13 +83,12 @@ def _caller(engine: Engine) -> tuple[Any, dict[str, Any]] | None:
                 zero = f.f_locals.get("self")
                 client = getattr(zero, "optimizer", None)
                 if client is engine.optimizer or getattr(client, "_engine", None) is engine:
-                    return zero, dict(f.f_locals)
+                    return zero, f.f_locals.get("original_param_groups")
         return None
     finally:
         del f
 
 
-@disable_dynamo  # (frames are the interpreter's: looked at eagerly under torch.compile(opt.step))
 def _detect(engine: Engine) -> Zero | None:
     found = _caller(engine)
     if found is None:
@@ -186,7 +186,7 @@ class Zero:
             raise RuntimeError(
                 f"Mechanic is under DeepSpeed ZeRO ({self!r}) and was stepped outside DeepSpeed's step: step "
                 "the model through the DeepSpeed engine (engine.step()), which steps each part in turn")
-        groups = engine.optimizer.param_groups if self.stage3 else found[1].get("original_param_groups")
+        groups = engine.optimizer.param_groups if self.stage3 else found[1]
         shown = [p for g in engine.optimizer.param_groups for p in g["params"]]
         parts = self.parts()
         k = next((k for k, p in enumerate(parts) if len(shown) == 1 and shown[0] is p), None)

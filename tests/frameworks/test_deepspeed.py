@@ -14,7 +14,7 @@ bytes, and Mechanic's state 1808 or 1800 bytes. fp16 is refused on CPU ("Type fp
 supported on your device."); bf16 runs. With several parts (ZeRO-1/2/3 with two param groups:
 DeepSpeed steps the client optimizer once per group; ZeRO-3 with sub_group_size 100 below a
 rank's share: once per sub-group) Mechanic's one step spans every part (src/manic/partitions.py):
-the scale matches ZeRO-0's with the same groups within 2.3e-7 relative, one all-reduce per step,
+the scale matches ZeRO-0's with the same groups within 2.5e-7 relative, one all-reduce per step,
 and a ZeRO-3 checkpoint over three parts resumes bitwise; skip_nonfinite=True is refused there
 (DeepSpeed's parts before the last have stepped when the global sums are known). A universal
 checkpoint (ds_to_universal, then load_universal) restores the model and AdamW but not Mechanic,
