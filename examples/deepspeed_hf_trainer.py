@@ -1,5 +1,5 @@
 # Hugging Face Trainer + DeepSpeed ZeRO-2 + Mechanic. With deepspeed= set, Trainer ignores optimizers=
-# and builds its optimizer with create_optimizer(): override that to return the mechanized one.
+# and builds its optimizer with create_optimizer(): override that to mechanize the one Trainer builds.
 # Run: torchrun --standalone --nproc-per-node 2 examples/deepspeed_hf_trainer.py
 import tempfile
 
@@ -13,9 +13,7 @@ from manic.integrations.transformers import MechanicCallback
 class MechanicTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            # one param group: ZeRO steps the optimizer once per group, and Mechanic needs them all at once
-            params = [p for p in (model or self.model).parameters() if p.requires_grad]
-            base = torch.optim.AdamW(params, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+            base = super().create_optimizer(model)  # Trainer's own AdamW: decay and no-decay groups
             # ZeRO gives each rank a slice of the parameters: Mechanic sums over the data-parallel group
             self.optimizer = manic.mechanize(base, process_group=torch.distributed.group.WORLD)
         return self.optimizer

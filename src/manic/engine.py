@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from . import kernels, step, storage, tuner
+from . import kernels, partitions, step, storage, tuner
 from .compat import local
 from .layout import Layout, bind, carry, check_unique
 from .modes import Buffers
@@ -56,7 +56,8 @@ class Engine:
         self._beta: Tensor | None = None
         dtype, device = _provisional(optimizer)
         self.tuner = TunerState.fresh(self.hyper, dtype, device, len(optimizer.param_groups))
-        self._plan: step.Plan | None = None
+        self._plan: step.Plan | partitions.PartPlan | None = None
+        self._parts: partitions.Zero | str | None = None  # DeepSpeed ZeRO's parts (partitions.of), once looked
         self._last = _nan_stats(self.tuner)
         self._published: storage.Published = ()
         self._own_load = False  # the engine is loading the base optimizer itself
@@ -127,6 +128,10 @@ class Engine:
         if self._plan is not None:
             raise RuntimeError("Mechanic's step was called twice without the base optimizer stepping in between; "
                                "call updater.step() after each mechanic.step()")
+        parts = partitions.of(self)
+        if parts is not None:  # DeepSpeed ZeRO steps the optimizer once per partition (partitions.py)
+            self._plan = parts.prepare(self)
+            return
         layout, buffers = self._bound()
         groups = self.optimizer.param_groups
         if not self._checked:
@@ -150,6 +155,9 @@ class Engine:
         if plan is None:
             raise RuntimeError("The base optimizer is about to step without Mechanic's step before it; "
                                "call mechanic.step() before updater.step()")
+        if isinstance(plan, partitions.PartPlan):
+            plan.run(self, base_step)
+            return
         if plan.update is None or not plan.update.skip_base:
             with storage.hidden(self.optimizer, plan.layout.params):
                 base_step()
@@ -237,7 +245,7 @@ class Engine:
 
     @torch.no_grad()
     def _load(self, sd: dict[str, Any] | None, layout: Layout | None) -> None:
-        self._plan = None
+        self._plan = self._parts = None
         if sd is None:
             self.started = False
             fresh = TunerState.fresh(self.hyper, self.tuner.s.dtype, self.tuner.s.device,

@@ -131,8 +131,9 @@ def check_config(fields: dict[str, Any], group: Any = None, params: Sequence[Ten
     With ``params`` and ``reduces`` (whether the detected reducer sums over ranks), it also
     compares what the ranks hold: ranks holding different parameters that nothing reduces over
     would each tune a scale of their own (DeepSpeed ZeRO hands each rank a different flat
-    partition of plain tensors), so that raises; identical parameters on every rank that are
-    summed over ranks would count each of them world-size times, so that warns.
+    partition of plain tensors, and torch's ZeroRedundancyOptimizer a different subset), so that raises,
+    before any difference in ``fields`` (a different number of parameters is one); identical parameters
+    on every rank that are summed over ranks would count each of them world-size times, so that warns.
     """
     if not dist.is_available() or not dist.is_initialized():
         return
@@ -141,21 +142,25 @@ def check_config(fields: dict[str, Any], group: Any = None, params: Sequence[Ten
     mine = {"fields": fields, "held": _fingerprint(params) if params is not None else None}
     gathered: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, mine, group=group)
-    diffs = [f"{k}: " + ", ".join(f"rank {r}={g['fields'].get(k)!r}" for r, g in enumerate(gathered))
-             for k in fields if len({repr(g["fields"].get(k)) for g in gathered}) > 1]
-    if diffs:
-        raise ValueError("Ranks disagree on their Mechanic configuration; build Mechanic identically on "
-                         "every rank. Differences: " + "; ".join(diffs))
-    if params is None or reduces is None:
-        return
-    same = all(g["held"] == gathered[0]["held"] for g in gathered)
-    if not reduces and not same:
+    diffs = {k: f"{k}: " + ", ".join(f"rank {r}={g['fields'].get(k)!r}" for r, g in enumerate(gathered))
+             for k in fields if len({repr(g["fields"].get(k)) for g in gathered}) > 1}
+    same = params is None or all(g["held"] == gathered[0]["held"] for g in gathered)
+    if reduces is False and not same:
+        # first, whatever else differs: a different number of parameters is what this looks like
+        other = [d for k, d in diffs.items() if k != "num_params"]
         raise ValueError(
             "The ranks hold different parameters but Mechanic reduces its sums over no group (the "
             "parameters are plain tensors), so each rank would tune a scale of its own. Pass the group "
-            "the parameters are split over: process_group=<the data-parallel group> (DeepSpeed ZeRO-1/2 "
-            "in pure data parallelism: process_group=torch.distributed.group.WORLD); or, if the ranks "
-            "train independent models, say so with reducer=manic.NoReduce()")
+            "the parameters are split over: process_group=<the data-parallel group> (DeepSpeed ZeRO-1/2/3, "
+            "or torch's ZeroRedundancyOptimizer with Mechanic inside, in pure data parallelism: "
+            "process_group=torch.distributed.group.WORLD); or, if the ranks train independent models, say "
+            "so with reducer=manic.NoReduce()" + (". The ranks also disagree on their Mechanic configuration: "
+                                                  + "; ".join(other) if other else ""))
+    if diffs:
+        raise ValueError("Ranks disagree on their Mechanic configuration; build Mechanic identically on "
+                         "every rank. Differences: " + "; ".join(diffs.values()))
+    if params is None or reduces is None:
+        return
     if reduces and same:
         warnings.warn("Every rank holds the same parameters, yet Mechanic sums over the ranks: each "
                       "parameter counts world-size times. Replicated training (DDP) needs no process_group=",

@@ -1,10 +1,11 @@
 """A step as a value: ``prepare`` it before the base step, ``rebase`` after it.
 
-``prepare`` takes the layout (bound by the engine), decides whether Mechanic starts, computes this
-rank's partial sums per tuner, reduces them in ONE collective and runs the tuner update, all into an
+``prepare`` takes the layout (bound by the engine), decides whether Mechanic starts (``begin``), computes
+this rank's partial sums per tuner, reduces them in ONE collective and runs the tuner update, all into an
 immutable ``Plan`` and without changing anything (the one host sync, ``bool(ok)``, only with
 skip_nonfinite). The base optimizer then steps; the engine installs the plan and ``rebase`` moves
 ``x`` by the state mode's rule. A base step that raises drops the plan: Mechanic is as it was.
+(Under DeepSpeed ZeRO with several partitions, partitions.py takes the same steps part by part.)
 """
 
 from __future__ import annotations
@@ -52,6 +53,25 @@ def prepare(groups: list[dict[str, Any]], layout: Layout, buffers: dict[int, Buf
             started: bool, options: Options, hyper: Resolved, fns: Kernels, beta: Tensor) -> Plan:
     """The plan of a step over ``layout`` (``buffers`` carried to it), from tuner ``state``; ``groups``
     are the base optimizer's param groups, ``beta`` the betas in the layout's dtype and device."""
+    plan = begin(groups, layout, buffers, state, started, options, hyper)
+    if not plan.started or not layout.slots:
+        return plan
+    mode, buffers, state = hyper.mode, plan.buffers, plan.tuner
+    xs, bufs = views(layout, buffers)
+    ds, transient = mode.direction(xs, bufs)
+    sums = layout.reducer.all_reduce_sum(local_sums(layout, xs, ds, fns).reshape(*state.lr_ref.shape, 4))
+    new, h, ok = tuner.update(state, sums, hyper, beta)
+    skip_base = options.skip_nonfinite and not bool(ok)  # the one host sync, by request
+    if not skip_base:
+        transient = mode.snapshot(xs, transient)
+    return Plan(layout, buffers, True, state, Update(new, state.scale, ok, transient, skip_base, stats(sums, h)))
+
+
+def begin(groups: list[dict[str, Any]], layout: Layout, buffers: dict[int, Buffers], state: TunerState,
+          started: bool, options: Options, hyper: Resolved) -> Plan:
+    """A step's first half, before any sum: the tuner state on the layout's dtype and device, and Mechanic's
+    start (its buffers made from the parameters as they are, the invariant form's unit recorded). Its plan
+    has no update yet; it stays an idle step unless it has started and there are parameters to sum over."""
     state = state.to(layout.dtype, layout.device)
     if state.lr_ref.numel() != len(layout.tuners):  # per_group=True, and the groups changed
         if started:
@@ -75,16 +95,13 @@ def prepare(groups: list[dict[str, Any]], layout: Layout, buffers: dict[int, Buf
         if hyper.variant == "invariant":
             lr_ref = lr_refs(groups) if hyper.per_group else lr_unit(groups)
             state = replace(state, lr_ref=torch.tensor(lr_ref, dtype=layout.dtype, device=layout.device))
-    xs, bufs = views(layout, buffers)
-    ds, transient = mode.direction(xs, bufs)
-    sums = layout.reducer.all_reduce_sum(local_sums(layout, xs, ds, fns).reshape(*state.lr_ref.shape, 4))
-    new, h, ok = tuner.update(state, sums, hyper, beta)
-    norms = sums[..., [tuner.G_SQ, tuner.X_SQ]].sqrt().to(layout.dtype)
-    last = {"h": h, "grad_norm": norms[..., 0], "param_norm": norms[..., 1]}
-    skip_base = options.skip_nonfinite and not bool(ok)  # the one host sync, by request
-    if not skip_base:
-        transient = mode.snapshot(xs, transient)
-    return Plan(layout, buffers, started, state, Update(new, state.scale, ok, transient, skip_base, last))
+    return Plan(layout, buffers, started, state, None)
+
+
+def stats(sums: Tensor, h: Tensor) -> dict[str, Tensor]:
+    """A step's statistics for stats(), from its reduced sums (float64) and the tuner's h, in h's dtype."""
+    norms = sums[..., [tuner.G_SQ, tuner.X_SQ]].sqrt().to(h.dtype)
+    return {"h": h, "grad_norm": norms[..., 0], "param_norm": norms[..., 1]}
 
 
 def views(layout: Layout, buffers: dict[int, Buffers]) -> tuple[list[Tensor], list[Buffers]]:

@@ -380,6 +380,45 @@ def rank_fails_mid_step(rank: int, world: int, how: str) -> str:
     return "no error"
 
 
+def zero_redundancy(rank: int, world: int) -> dict[str, Any]:
+    """torch's ZeroRedundancyOptimizer with Mechanic inside (its optimizer_class builds a mechanized AdamW
+    over the parameters it gives this rank, a different subset on each rank). Without process_group=
+    the first step must raise the message that names it, on every rank, before anything moves; with it,
+    the run is the single-process one (every rank trains on the same full batch)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    def zero(model: nn.Module, **options: Any) -> ZeroRedundancyOptimizer:
+        def mechanized(params: Any, **defaults: Any) -> torch.optim.Optimizer:
+            return manic.mechanize(torch.optim.AdamW(params, **defaults), **options)
+        return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=mechanized, lr=LR)
+
+    out: dict[str, Any] = {}
+    model = make_net()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = zero(model)
+    out["held"] = len(opt.optim.param_groups[0]["params"])
+    X, y = data()
+    torch.nn.functional.mse_loss(model(X), y).backward()
+    try:
+        opt.step()
+        out["without"] = "no error"
+    except ValueError as e:
+        out["without"] = str(e)
+    out["moved"] = any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+    model = make_net()
+    opt = zero(model, process_group=dist.group.WORLD)
+    counts: list = []
+    out["scales"] = train(model, opt, 10, counts=counts, readout=opt.optim, names=True)
+    out["allreduces"] = [sum("allreduce" in n for n in names) for names, _ in counts]
+    out["params"] = [p.detach().clone() for p in model.parameters()]
+    ref = make_net()
+    ref_opt = manic.mechanize(torch.optim.AdamW(ref.parameters(), lr=LR))
+    out["ref_scales"] = train(ref, ref_opt, 10)
+    out["ref_params"] = [p.detach().clone() for p in ref.parameters()]
+    return out
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def _sharded_run(**options: Any) -> tuple[Net, torch.optim.Optimizer]:
     model = shard2(make_net())

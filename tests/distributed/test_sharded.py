@@ -56,6 +56,10 @@ def test_config_mismatch_raises_on_every_rank():
     results = harness.run(2, scenarios.config_mismatch, timeout=90)
     for field in scenarios.CONFIG_FIELDS:
         for rank, messages in enumerate(results):
+            if field == "num_params":  # ranks holding different parameters: the message names process_group=
+                assert "hold different parameters" in messages[field] and "process_group=" in messages[field], \
+                    (rank, messages[field])
+                continue
             assert "disagree" in messages[field] and field in messages[field], (rank, field, messages[field])
 
 
@@ -106,3 +110,26 @@ def test_ranks_holding_different_parameters_with_nothing_to_reduce_raise():
         assert r["different_but_independent"] == "ok", r
         assert r["same_but_summed"].startswith("ok | warning: Every rank holds the same parameters"), r
         assert r["same"] == "ok", r
+
+
+@pytest.mark.timeout(120)
+def test_zero_redundancy_optimizer_with_mechanic_inside():
+    """torch's ZeroRedundancyOptimizer gives each rank's mechanized optimizer a different subset of the
+    parameters (here a different number of them): without process_group= every rank raises at the first
+    step the message that names it (not "Ranks disagree ... num_params"), and nothing moves; with
+    process_group=WORLD, one all-reduce per step and the single-process trajectory (float64, 1e-10)."""
+    results = harness.run(2, scenarios.zero_redundancy, timeout=90)
+    assert results[0]["held"] != results[1]["held"], [r["held"] for r in results]
+    for rank, r in enumerate(results):
+        msg = r["without"]
+        assert "hold different parameters" in msg and "process_group=" in msg and "ZeroRedundancyOptimizer" in msg, \
+            (rank, msg)
+        assert "disagree" not in msg, (rank, msg)
+        assert not r["moved"], rank
+        assert r["allreduces"] == [1] * len(r["allreduces"]), (rank, r["allreduces"])
+        for a, b in zip(r["scales"], r["ref_scales"]):
+            assert abs(a - b) <= 1e-10 * abs(b), (rank, r["scales"], r["ref_scales"])
+        for p, q in zip(r["params"], r["ref_params"]):
+            assert scenarios.rel(p, q) <= 1e-10, rank
+        assert r["scales"][-1] > 10 * r["scales"][0]
+    assert results[0]["scales"] == results[1]["scales"]

@@ -13,25 +13,37 @@ one fixed batch:
   skip2            ZeRO-2, step POISON's loss times inf: DeepSpeed's overflow check skips it
   zero3            ZeRO-3 with process_group=WORLD (or the exception DeepSpeed raised)
   adamw3           ZeRO-3 with a plain AdamW
-  zero3_subgroups  ZeRO-3, sub_group_size=100 (several client optimizer steps per engine step)
-  zero0_groups,    ZeRO-0 / ZeRO-2 / ZeRO-3 with two param groups (weights; biases without weight
-  zero2_groups,    decay): ZeRO-1/2/3 step the client optimizer once per group
-  zero3_groups
+  several parts    ZeRO-1/2 step the client optimizer once per param group, ZeRO-3 once per sub-group
+                   (a part each): Mechanic's one step spans them (src/manic/partitions.py)
+    zero0_groups,  ZeRO-0 / 1 / 2 / 3 with two param groups (weights; biases without weight decay, as
+    zero1_groups,  HF Trainer's default optimizer splits them)
+    zero2_groups,
+    zero3_groups
+    zero2_groups_alike      the two groups with the same hyperparameters: the one-group run's trajectory
+    zero3_subgroups         ZeRO-3, sub_group_size=SUB (smaller than a rank's share), one group
+    zero3_subgroups_groups  the same with the two groups
+    adamw2_groups, adamw3_subgroups_groups   the same with a plain AdamW (for the count)
+    zero0_groups_<mode>, zero2_groups_<mode>, zero3_subgroups_groups_<mode>: the state modes with a
+                   transient ("ref", "delta") and per_group=True, ZeRO-0 against several parts
+    skip_nonfinite_groups, offload_groups   what is refused with several parts (or DeepSpeed's own error)
   bf16, fp16       ZeRO-2 mixed precision with one poisoned step (or the exception DeepSpeed raised)
+  bf16_groups_alike  bf16 with the two groups alike (two parts)
   adamw_bf16       ZeRO-2 bf16 with a plain AdamW
   ckpt             ZeRO-2: A N steps uninterrupted; B N/2 steps, ``engine.save_checkpoint``;
                    C a fresh engine, ``engine.load_checkpoint``, N/2 more steps
+  ckpt3            the same under ZeRO-3 with the two groups and sub_group_size=SUB (several parts)
   universal        ckpt's checkpoint through DeepSpeed's universal checkpoint (ds_to_universal, then
                    ``load_universal`` into a fresh ZeRO-2 engine on the same 2 ranks)
   hf               HF ``Trainer(args=TrainingArguments(deepspeed=<ZeRO-2 dict>))``, a Llama model and
                    synthetic tokens (hf_trainer_run.py):
                      ignored   ``optimizers=(mechanize(AdamW), LambdaLR)``: what Trainer steps instead
                      refused   the same with ``MechanicCallback``: the error it raises at train begin
-                     saving    examples/deepspeed_hf_trainer.py's ``MechanicTrainer`` (create_optimizer
-                               returns the mechanized AdamW) with ``MechanicCallback``, HF_STEPS steps,
-                               a Trainer checkpoint at HF_SAVE_AT
+                     saving    examples/deepspeed_hf_trainer.py's ``MechanicTrainer`` (its create_optimizer
+                               mechanizes Trainer's own AdamW: two param groups, decay and no decay)
+                               with ``MechanicCallback``, HF_STEPS steps, a Trainer checkpoint at HF_SAVE_AT
                      resumed   a new ``MechanicTrainer``, ``train(resume_from_checkpoint=...)`` from it
-  wrong            ZeRO-2 WITHOUT process_group: the first step must raise (last, on purpose)
+  wrong            ZeRO-2 WITHOUT process_group: the first step must raise (last, on purpose: it leaves
+  wrong_groups     an engine mid-step behind); wrong_groups the same with the two groups
 
 Each rank writes ``OUT_DIR/rank{r}.pt`` (a dict of the runs' results) or, on an error outside
 what a run is expected to raise, ``OUT_DIR/rank{r}.err`` (the traceback).
@@ -62,6 +74,8 @@ SAMPLES = 64        # the fixed batch; rank r takes rows [r*32, (r+1)*32)
 HF_STEPS = 40       # the Trainer runs: a checkpoint at HF_SAVE_AT, resumed to HF_STEPS
 HF_SAVE_AT = 20
 HF_IGNORED_STEPS = 2
+SUB = {"stage": 3, "sub_group_size": 100}  # ZeRO-3 sub-groups smaller than a rank's share (225 elements)
+MODE_STEPS = 10     # the state-mode runs
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "deepspeed_hf_trainer.py"
 
 
@@ -99,10 +113,11 @@ def config(stage: int, **extra: Any) -> dict[str, Any]:
     return cfg
 
 
-def build(stage: int, pg: bool = True, mechanic: bool = True, groups: bool = False,
-          **extra: Any) -> tuple[Any, Any, Any]:
+def build(stage: int, pg: bool = True, mechanic: bool = True, groups: bool | str = False,
+          options: dict[str, Any] | None = None, **extra: Any) -> tuple[Any, Any, Any]:
     """A fresh engine; with ``groups``, AdamW has two param groups (the weight matrices, and the
-    biases without weight decay, as HF Trainer's default optimizer splits them)."""
+    biases without weight decay, as HF Trainer's default optimizer splits them; ``"alike"``: both with
+    the same hyperparameters, which is one group to AdamW); ``options``: more of Mechanic's."""
     import deepspeed
 
     import manic
@@ -110,12 +125,13 @@ def build(stage: int, pg: bool = True, mechanic: bool = True, groups: bool = Fal
     net = model()
     if groups:
         params: Any = [{"params": [p for p in net.parameters() if p.dim() > 1]},
-                       {"params": [p for p in net.parameters() if p.dim() <= 1], "weight_decay": 0.0}]
+                       {"params": [p for p in net.parameters() if p.dim() <= 1],
+                        **({} if groups == "alike" else {"weight_decay": 0.0})}]
     else:
         params = net.parameters()
     base = torch.optim.AdamW(params, lr=LR)
-    opt = manic.mechanize(base, s_init=S_INIT, **({"process_group": dist.group.WORLD} if pg else {})) \
-        if mechanic else base
+    opt = manic.mechanize(base, s_init=S_INIT, **({"process_group": dist.group.WORLD} if pg else {}),
+                          **(options or {})) if mechanic else base
     engine, dsopt, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=config(stage, **extra))
     return engine, dsopt, opt
 
@@ -187,10 +203,12 @@ def full_params(engine: Any) -> list[torch.Tensor]:
 
 
 def trajectory(stage: int, steps: int = STEPS, pg: bool = True, mechanic: bool = True,
-               poison_at: int | None = None, groups: bool = False, **extra: Any) -> dict[str, Any]:
+               poison_at: int | None = None, groups: bool | str = False, options: dict[str, Any] | None = None,
+               **extra: Any) -> dict[str, Any]:
     """``steps`` steps; with ``poison_at``, that step's loss is multiplied by inf (DeepSpeed's
-    overflow check must skip it before Mechanic sees it)."""
-    engine, dsopt, opt = build(stage, pg=pg, mechanic=mechanic, groups=groups, **extra)
+    overflow check must skip it before Mechanic sees it). The scales: (steps,), or (steps, groups)
+    with per_group=True."""
+    engine, dsopt, opt = build(stage, pg=pg, mechanic=mechanic, groups=groups, options=options, **extra)
     X, y = data()
     scales, ops, mech_calls, tuner_steps, overflow = [], [], [], [], []
     calls = None
@@ -198,7 +216,7 @@ def trajectory(stage: int, steps: int = STEPS, pg: bool = True, mechanic: bool =
         ops.append(train_step(engine, X, y, poison=(t == poison_at)))
         overflow.append(bool(getattr(dsopt, "overflow", False)))
         if mechanic:
-            scales.append(opt.scale.item())
+            scales.append(opt.scale.detach().double().clone())
             tuner_steps.append(int(opt.stats()["step"]))
             if calls is None:
                 calls = count_mechanic(opt)  # bound at the first step; count from the second on
@@ -206,7 +224,7 @@ def trajectory(stage: int, steps: int = STEPS, pg: bool = True, mechanic: bool =
     res: dict[str, Any] = {"ops": ops, "params": full_params(engine), "overflow": overflow,
                            "ds_skipped_steps": getattr(engine, "skipped_steps", None)}
     if mechanic:
-        res.update(scales=torch.tensor(scales, dtype=torch.float64), mech_calls=mech_calls,
+        res.update(scales=torch.stack(scales), mech_calls=mech_calls,
                    tuner_steps=tuner_steps, skipped_by_tuner=int(opt.stats()["skipped_steps"]),
                    **describe(engine, dsopt, opt))
     return res
@@ -223,11 +241,11 @@ def attempt(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 POISON = 5  # the step whose loss is multiplied by inf in the overflow runs
 
 
-def ckpt_run(root: Path) -> dict[str, Any]:
+def ckpt_run(root: Path, stage: int = 2, tag: str = "ckpt", **extra: Any) -> dict[str, Any]:
     X, y = data()
 
     def run(steps: int, load: Path | None = None, save: Path | None = None) -> dict[str, Any]:
-        engine, dsopt, opt = build(2)
+        engine, dsopt, opt = build(stage, **extra)
         if load is not None:
             path, client = engine.load_checkpoint(str(load))
             assert path is not None, f"load_checkpoint({load}) found nothing"
@@ -239,9 +257,9 @@ def ckpt_run(root: Path) -> dict[str, Any]:
             engine.save_checkpoint(str(save), tag="half")
         return {"scales": torch.tensor(scales, dtype=torch.float64), "scale": opt.scale.detach().clone(),
                 "params": full_params(engine), "partitions": [p.detach().clone() for p in opt._engine.params],
-                "stats_step": int(opt.stats()["step"])}
+                "stats_step": int(opt.stats()["step"]), "parts": len(opt._engine.params)}
 
-    ckdir = root / "ckpt"
+    ckdir = root / tag
     A = run(2 * CKPT_N)
     B = run(CKPT_N, save=ckdir)
     dist.barrier()
@@ -358,7 +376,8 @@ def hf_runs(root: Path) -> dict[str, Any]:
             kwargs["optimizers"] = (opt, sched)
         args = TrainingArguments(
             output_dir=str(root / "hf" / tag), deepspeed=copy.deepcopy(example.ZERO2), max_steps=steps,
-            per_device_train_batch_size=H.BATCH, seed=42, learning_rate=H.LR, lr_scheduler_type="cosine",
+            per_device_train_batch_size=H.BATCH, seed=42, learning_rate=H.LR, weight_decay=0.01,
+            lr_scheduler_type="cosine",
             warmup_steps=4, logging_steps=5, save_strategy="steps" if save else "no", save_steps=HF_SAVE_AT,
             report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
         record = Record()
@@ -379,6 +398,7 @@ def hf_runs(root: Path) -> dict[str, Any]:
         if record.mech is not None:
             m = record.mech
             out.update(final_scale=m.scale.item(), tuner_step=int(m.stats()["step"]), reducer=repr(m._engine.reducer),
+                       group_weight_decay=[g["weight_decay"] for g in m.param_groups],
                        params=[p.detach().clone() for p in trainer.model.parameters()],
                        partitions=[p.detach().clone() for p in m._engine.params],
                        params_are_ds_partitions=[a is b for a, b in zip(
@@ -396,8 +416,8 @@ def hf_runs(root: Path) -> dict[str, Any]:
     return res
 
 
-def wrong_run() -> dict[str, Any]:
-    engine, dsopt, opt = build(2, pg=False)
+def wrong_run(groups: bool = False) -> dict[str, Any]:
+    engine, dsopt, opt = build(2, pg=False, groups=groups)
     X, y = data()
     try:
         train_step(engine, X, y)
@@ -421,23 +441,39 @@ def main() -> None:
         res["adamw2"] = trajectory(2, mechanic=False, steps=5)
         res["skip2"] = trajectory(2, steps=10, poison_at=POISON)
         res["zero3"] = attempt(lambda: trajectory(3))
-        # two param groups: ZeRO-1/2 step the client optimizer once per group, each time with that group
-        # alone in param_groups; ZeRO-3 once per group, with the other group's params emptied
-        res["zero0_groups"] = trajectory(0, pg=False, groups=True, steps=5)
-        res["zero2_groups"] = attempt(lambda: trajectory(2, groups=True, steps=5))
-        res["zero3_groups"] = attempt(lambda: trajectory(3, groups=True, steps=5))
         res["adamw3"] = attempt(lambda: trajectory(3, mechanic=False, steps=5))
-        # ZeRO-3 with several sub-groups steps the client optimizer once per sub-group
-        res["zero3_subgroups"] = attempt(lambda: trajectory(3, steps=5, zero_optimization={
-            "stage": 3, "sub_group_size": 100}))
+        # several parts: ZeRO-1/2 step the client optimizer once per group, each time with that group alone
+        # in param_groups; ZeRO-3 once per sub-group, with the other sub-groups' partitions emptied
+        res["zero0_groups"] = trajectory(0, pg=False, groups=True)
+        for stage in (1, 2, 3):
+            res[f"zero{stage}_groups"] = attempt(lambda: trajectory(stage, groups=True))
+        res["zero2_groups_alike"] = attempt(lambda: trajectory(2, groups="alike"))
+        res["zero3_subgroups"] = attempt(lambda: trajectory(3, zero_optimization=SUB))
+        res["zero3_subgroups_groups"] = attempt(lambda: trajectory(3, groups=True, zero_optimization=SUB))
+        res["adamw2_groups"] = trajectory(2, mechanic=False, groups=True, steps=5)
+        res["adamw3_subgroups_groups"] = trajectory(3, mechanic=False, groups=True, steps=5, zero_optimization=SUB)
+        for mode, options in (("ref", {"state": "ref"}), ("delta", {"state": "delta"}),
+                              ("per_group", {"per_group": True})):
+            res[f"zero0_groups_{mode}"] = trajectory(0, pg=False, groups=True, steps=MODE_STEPS, options=options)
+            res[f"zero2_groups_{mode}"] = attempt(lambda: trajectory(2, groups=True, steps=MODE_STEPS, options=options))
+            res[f"zero3_subgroups_groups_{mode}"] = attempt(lambda: trajectory(
+                3, groups=True, steps=MODE_STEPS, options=options, zero_optimization=SUB))
         res["bf16"] = attempt(lambda: trajectory(2, poison_at=POISON, bf16={"enabled": True}))
+        res["bf16_groups_alike"] = attempt(lambda: trajectory(2, groups="alike", poison_at=POISON, bf16={"enabled": True}))
         res["adamw_bf16"] = attempt(lambda: trajectory(2, mechanic=False, steps=5, bf16={"enabled": True}))
         res["fp16"] = attempt(lambda: trajectory(2, steps=10, poison_at=POISON, fp16={
             "enabled": True, "initial_scale_power": 8}))
         res["ckpt"] = ckpt_run(out)
+        res["ckpt3"] = attempt(lambda: ckpt_run(out, 3, "ckpt3", groups=True, zero_optimization=SUB))
         res["universal"] = attempt(lambda: universal_run(out))
         res["hf"] = hf_runs(out)
-        res["wrong"] = wrong_run()          # last: it leaves an engine mid-step behind
+        # last: these leave an engine mid-step behind
+        res["skip_nonfinite_groups"] = attempt(lambda: trajectory(2, groups=True, steps=2,
+                                                                  options={"skip_nonfinite": True}))
+        res["offload_groups"] = attempt(lambda: trajectory(2, groups=True, steps=2, zero_optimization={
+            "stage": 2, "offload_optimizer": {"device": "cpu"}}, zero_force_ds_cpu_optimizer=False))
+        res["wrong"] = wrong_run()
+        res["wrong_groups"] = wrong_run(groups=True)
         torch.save(res, out / f"rank{r}.pt")
     except BaseException:
         (out / f"rank{r}.err").write_text(traceback.format_exc())

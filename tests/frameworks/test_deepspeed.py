@@ -11,17 +11,21 @@ Measured (deepspeed 0.19.8, torch 2.13 CPU): after 30 steps the scale is 2.090e-
 ``s_init=1e-6``); ZeRO-1/2 differ from ZeRO-0 by at most 4.4e-7 relative, ZeRO-3 by 3.7e-7; each
 rank's partition is 226 (ZeRO-1/2) or 225 (ZeRO-3) of the 450 float32 parameters, 904 or 900
 bytes, and Mechanic's state 1808 or 1800 bytes. fp16 is refused on CPU ("Type fp16 is not
-supported on your device."); bf16 runs. ZeRO-3 with several sub-groups steps the client
-optimizer once per sub-group: Mechanic refuses at the second sub-group (loudly). So do ZeRO-1/2/3
-with two param groups: DeepSpeed steps the client optimizer once per group. A universal
+supported on your device."); bf16 runs. With several parts (ZeRO-1/2/3 with two param groups:
+DeepSpeed steps the client optimizer once per group; ZeRO-3 with sub_group_size 100 below a
+rank's share: once per sub-group) Mechanic's one step spans every part (src/manic/partitions.py):
+the scale matches ZeRO-0's with the same groups within 2.5e-7 relative, one all-reduce per step,
+and a ZeRO-3 checkpoint over three parts resumes bitwise; skip_nonfinite=True is refused there
+(DeepSpeed's parts before the last have stepped when the global sums are known). A universal
 checkpoint (ds_to_universal, then load_universal) restores the model and AdamW but not Mechanic,
 which starts over.
 
 HF Trainer (transformers 5.24.0, accelerate 1.16.0) with ``TrainingArguments(deepspeed=<ZeRO-2
 dict>)``: ``optimizers=`` is dropped without a word (transformers' ``deepspeed_init`` sets
 ``trainer.optimizer = None`` and calls ``create_optimizer()``), and the engine steps a torch AdamW
-of Trainer's own. Overriding ``create_optimizer`` (examples/deepspeed_hf_trainer.py) works: the
-scale reaches 1.47 after 40 steps, and ``resume_from_checkpoint`` continues bitwise.
+of Trainer's own. Overriding ``create_optimizer`` to mechanize Trainer's own AdamW (its two groups,
+decay and no decay; examples/deepspeed_hf_trainer.py) works, and ``resume_from_checkpoint``
+continues bitwise.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ DEEPSPEED_VERSION = importlib.metadata.version("deepspeed")
 
 JOB = Path(__file__).with_name("deepspeed_job.py")
 WORLD = 2
-STEPS, CKPT_N, POISON = 30, 10, 5          # as in deepspeed_job.py
+STEPS, CKPT_N, POISON, MODE_STEPS = 30, 10, 5, 10   # as in deepspeed_job.py
 HF_STEPS, HF_SAVE_AT, HF_IGNORED_STEPS, HF_LOG_EVERY = 40, 20, 2, 5   # its HF Trainer runs
 S_INIT = 1e-6
 FRESH_SCALE = manic.Options().num_betas * S_INIT  # what the scale reads before the tuner's first step
@@ -131,7 +135,8 @@ def test_trajectory_matches_zero0(runs, name):
 
 
 @pytest.mark.parametrize("name,plain", [("zero1", "adamw1"), ("zero2", "adamw2"), ("zero3", "adamw3"),
-                                        ("bf16", "adamw_bf16")])
+                                        ("bf16", "adamw_bf16"), ("zero2_groups", "adamw2_groups"),
+                                        ("zero3_subgroups_groups", "adamw3_subgroups_groups")])
 def test_one_mechanic_collective_per_step(runs, name, plain):
     """After the first step, ``engine.step()`` dispatches exactly one c10d op more than with a plain
     AdamW (an all-reduce), and Mechanic's reducer is called exactly once per step."""
@@ -179,6 +184,20 @@ def test_bf16_master_weights_and_skipped_step(runs):
         assert torch.equal(r["bf16"]["scales"], runs[0]["bf16"]["scales"]), f"bf16: rank {rank} differs"
 
 
+def test_bf16_several_parts(runs):
+    """bf16 ZeRO-2 with two param groups alike (two parts): the model's bf16 weights of the first part are
+    made again from its rebased fp32 partition, so the run is the one-group bf16 run (the skipped step
+    included)."""
+    for rank, r in enumerate(runs):
+        run, ref = _ran(r["bf16_groups_alike"], "bf16_groups_alike"), r["bf16"]
+        assert len(run["param_shapes"]) == 2 and run["model_dtypes"] == ["torch.bfloat16"]
+        _check_skipped(run, "bf16_groups_alike", rank)
+        rel = _rel(run["scales"], ref["scales"])
+        assert rel <= REL_TOL, f"bf16 two parts rank {rank}: max rel diff vs one part {rel:.3g}"
+        for p, q in zip(run["params"], ref["params"]):
+            torch.testing.assert_close(p, q, rtol=2e-2, atol=1e-3)
+
+
 def test_fp32_skipped_step_is_a_no_op(runs):
     """ZeRO-2 fp32 also skips a non-finite step; the tuner is untouched and the run goes on as if
     the step had not happened (bitwise the unpoisoned run, one step later)."""
@@ -211,57 +230,101 @@ def test_fp16(runs):
             print(f"rank {rank}: fp16 refused: {run['error_type']}: {run['error']}")
 
 
-def test_zero3_sub_groups_fail_loudly_or_match(runs):
-    """ZeRO-3 with several sub-groups calls the client optimizer's step once per sub-group, each time
-    with only that sub-group's partition in param_groups. Mechanic must not tune silently on a part of
-    the model: today it raises at the second sub-group's step."""
+# several parts: (run, its ZeRO-0 reference with the same param groups, parts per rank)
+PARTS = [("zero1_groups", "zero0_groups", 2), ("zero2_groups", "zero0_groups", 2), ("zero3_groups", "zero0_groups", 2),
+         ("zero2_groups_alike", "zero0", 2), ("zero3_subgroups", "zero0", 2),
+         ("zero3_subgroups_groups", "zero0_groups", 3)]
+
+
+@pytest.mark.parametrize("name,ref,parts", PARTS)
+def test_several_parts_match_zero0(runs, name, ref, parts):
+    """ZeRO-1/2 step the client optimizer once per param group, showing it that group alone; ZeRO-3
+    once per sub-group (sub_group_size 100, below a rank's 225 elements). Mechanic's one step spans
+    every part: it works on all of DeepSpeed's fp32 partitions (by identity), calls its reducer once per
+    step, and the scale after every step is ZeRO-0's (same groups; two groups alike, or one group split
+    into sub-groups: the one-group run's) to float32 round-off, bitwise the same on every rank; the
+    model ends where ZeRO-0's does."""
+    sizes = []
     for rank, r in enumerate(runs):
-        run = r["zero3_subgroups"]
-        if run["ok"]:
-            assert _rel(run["scales"], r["zero0"]["scales"][:len(run["scales"])]) <= REL_TOL
-        else:
-            assert run["error_type"] == "RuntimeError" and "replaced after Mechanic's first step" in run["error"], \
-                run["traceback"]
+        run, base = _ran(r[name], name), r[ref]
+        assert run["params_are_ds_partitions"] and len(run["param_shapes"]) == parts, (name, run["param_shapes"])
+        assert run["reducer"] == f"ProcessGroupReducer(size={WORLD})" and run["mechanic_on_partitions"]
+        assert run["mechanic_bytes"] == 2 * run["partition_bytes"], name
+        assert len(run["scales"]) == STEPS and run["tuner_steps"][-1] == STEPS
+        rel = _rel(run["scales"], base["scales"])
+        assert rel <= REL_TOL, f"{name} rank {rank}: max rel diff vs {ref} {rel:.3g}"
+        assert run["scales"][-1] > 100 * S_INIT, (name, rank, run["scales"][-1].item())
+        for p, q in zip(run["params"], base["params"]):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+        calls = run["mech_calls"]  # counted from the second step on
+        assert calls[-1] == len(calls) - 1, (name, rank, calls)
+        sizes.append(sum(shape[0] for shape in run["param_shapes"]))
+    assert MODEL_NUMEL <= sum(sizes) < MODEL_NUMEL + 2 * WORLD * parts, (name, sizes)
+    for rank, r in enumerate(runs[1:], 1):
+        assert torch.equal(r[name]["scales"], runs[0][name]["scales"]), f"{name}: rank {rank}'s scales differ"
 
 
-def test_several_param_groups_fail_loudly_or_match(runs):
-    """AdamW with two param groups. ZeRO-0 steps it as it is; ZeRO-1/2/3 step the client optimizer
-    once per param group, each time showing it one group's partition alone. Mechanic's sums need the
-    whole model in one step, so it must not tune on a part of it: today it raises at the first
-    engine step, when the second group's partition takes the first one's place."""
+@pytest.mark.parametrize("mode", ["ref", "delta", "per_group"])
+@pytest.mark.parametrize("name", ["zero2_groups", "zero3_subgroups_groups"])
+def test_several_parts_in_each_state_mode_and_per_group(runs, name, mode):
+    """The state modes that keep a transient from before the base step (state="ref": x_t - x_ref,
+    state="delta": a copy of x_t), kept per part until the last one rebases them all, and one tuner per
+    param group (ZeRO-3's sub-groups go to their group's tuner): ZeRO-0's scales to round-off."""
     for rank, r in enumerate(runs):
-        ref = r["zero0_groups"]
-        assert ref["reducer"] == "NoReduce()" and ref["tuner_steps"][-1] == 5  # ZeRO-0 steps both groups at once
-        for name in ("zero2_groups", "zero3_groups"):
-            run = r[name]
-            if run["ok"]:
-                assert _rel(run["scales"], ref["scales"]) <= REL_TOL, (name, rank)
-            else:
-                assert run["error_type"] == "RuntimeError" and "replaced after Mechanic's first step" in run["error"], \
-                    (name, run["traceback"])
+        run, base = _ran(r[f"{name}_{mode}"], f"{name}_{mode}"), r[f"zero0_groups_{mode}"]
+        assert run["scales"].shape == base["scales"].shape == ((MODE_STEPS, 2) if mode == "per_group" else (MODE_STEPS,))
+        rel = _rel(run["scales"], base["scales"])
+        assert rel <= REL_TOL, f"{name} {mode} rank {rank}: max rel diff vs ZeRO-0 {rel:.3g}"
+        assert (run["scales"][-1] > 10 * S_INIT).all(), (name, mode, run["scales"][-1])
+        keys = {"ref": ["mechanic_ref"], "delta": ["mechanic_delta"]}.get(mode, ["mechanic_delta", "mechanic_ref"])
+        assert run["mechanic_keys"] == keys, (name, mode, run["mechanic_keys"])
 
 
-def test_wrong_setup_fails_at_first_step(runs):
-    """ZeRO-2 without process_group: every rank raises at the first step, naming the fix."""
+def test_several_parts_refuse_skip_nonfinite(runs):
+    """skip_nonfinite=True cannot be exact over several parts: when the global sums are not finite the
+    one-group step skips the base step, but DeepSpeed has stepped the parts before the last by then.
+    Refused at the first step, before any part steps, naming the cause and the fix."""
     for rank, r in enumerate(runs):
-        w = r["wrong"]
+        run = r["skip_nonfinite_groups"]
+        assert not run["ok"] and run["error_type"] == "ValueError", (rank, run)
+        for words in ("once per param group", "skip_nonfinite=False", "one param group"):
+            assert words in run["error"], (words, run["error"])
+
+
+def test_several_parts_with_offload_are_refused(runs):
+    """Optimizer offload with several parts (ZeRO-2, offload_optimizer to the CPU, with DeepSpeed's own
+    refusal of a client optimizer under offload turned off): not supported, refused at the first step."""
+    for rank, r in enumerate(runs):
+        run = r["offload_groups"]
+        assert not run["ok"] and run["error_type"] == "NotImplementedError", (rank, run)
+        assert "offload_optimizer" in run["error"] and "one param group" in run["error"], run["error"]
+
+
+@pytest.mark.parametrize("name", ["wrong", "wrong_groups"])
+def test_wrong_setup_fails_at_first_step(runs, name):
+    """ZeRO-2 without process_group (with one param group, and with two): every rank raises at the first
+    step, naming the fix."""
+    for rank, r in enumerate(runs):
+        w = r[name]
         assert w["raised"] == "ValueError", (rank, w)
         assert "process_group=torch.distributed.group.WORLD" in w["error"], w["error"]
         assert w["stats_step"] == 0
 
 
-def test_checkpoint_round_trip(runs):
+@pytest.mark.parametrize("name,parts", [("ckpt", 1), ("ckpt3", 3)])
+def test_checkpoint_round_trip(runs, name, parts):
     """``engine.save_checkpoint`` at step N, a fresh engine's ``engine.load_checkpoint``, N more
-    steps: bitwise the uninterrupted run (scale after every step, parameters, partitions)."""
+    steps: bitwise the uninterrupted run (scale after every step, parameters, partitions). ZeRO-2 with
+    one group; ZeRO-3 with two groups and sub_group_size 100 (three parts per rank)."""
     for rank, r in enumerate(runs):
-        c = r["ckpt"]
+        c = _ran(r[name], name)
         A, B, C = c["A"], c["B"], c["C"]
         assert torch.equal(B["scales"], A["scales"][:CKPT_N]), rank
         assert torch.equal(C["scales"], A["scales"][CKPT_N:]), (rank, C["scales"], A["scales"][CKPT_N:])
         assert torch.equal(C["scale"], A["scale"]) and C["stats_step"] == A["stats_step"] == 2 * CKPT_N
         assert all(torch.equal(p, q) for p, q in zip(C["params"], A["params"])), rank
         assert all(torch.equal(p, q) for p, q in zip(C["partitions"], A["partitions"])), rank
-        assert A["scale"] > 10 * S_INIT
+        assert A["scale"] > 10 * S_INIT and A["parts"] == C["parts"] == parts, (A["parts"], C["parts"])
         # Mechanic's buffers and tuner state travel in each rank's ZeRO optimizer-state file
         assert f"half/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in c["files"], c["files"]
         keys = set(c["optim_file_mechanic_keys"])
@@ -306,16 +369,18 @@ def test_hf_trainer_mechanic_callback_names_the_fix(runs):
 
 
 def test_hf_trainer_create_optimizer_route(runs):
-    """examples/deepspeed_hf_trainer.py's ``MechanicTrainer`` (``create_optimizer`` returns the
-    mechanized AdamW with ``process_group=WORLD``) through Trainer's own ``train()``: Mechanic works
-    on the ZeRO-2 partition and reduces over both ranks, the scale grows > 100x from s_init and is
+    """examples/deepspeed_hf_trainer.py's ``MechanicTrainer`` (``create_optimizer`` mechanizes the AdamW
+    of Trainer's own ``create_optimizer``, with ``process_group=WORLD``) through Trainer's own ``train()``:
+    Mechanic works on both of its param groups' ZeRO-2 partitions (decay, no decay) and reduces over both
+    ranks, the scale grows > 100x from s_init and is
     bitwise the same on both ranks, and ``MechanicCallback``'s log lines (rank 0) hold the true scale
     and the scale times the lr of Trainer's own schedule (which reaches Mechanic's param groups)."""
     for rank, r in enumerate(runs):
         run = r["hf"]["saving"]
         assert run["ok"], (rank, run)
         assert run["seen"]["chain"] == ["DeepSpeedOptimizerWrapper", "DeepSpeedZeroOptimizer", "Mechanized"]
-        assert run["params_are_ds_partitions"] == [True]
+        assert run["params_are_ds_partitions"] == [True, True]
+        assert run["group_weight_decay"] == [0.01, 0.0], run["group_weight_decay"]
         assert run["reducer"] == f"ProcessGroupReducer(size={WORLD})"
         assert len(run["scales"]) == HF_STEPS
         # the first step runs at the warmup's lr 0, which leaves the tuner fresh (docs/behaviour.md)
