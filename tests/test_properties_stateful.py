@@ -11,7 +11,7 @@ The rules (one per operation): step (fresh deterministic gradients, some of them
 freeze / unfreeze, add_param_group, reorder within a group, swap two same-shape parameters across
 groups, insert a group at index 0, replace a parameter by a never-seen same-shape tensor (late binding),
 the same parameter twice, state_dict round trip into the same optimizer and into a fresh one, deepcopy,
-pickle / torch.save, model.double(), lr 0 / 1e-30 / 1e20, one step at lr nan / inf, state.clear() /
+pickle / torch.save, model.double(), lr 0 / 1e-30 / 1e20 (a non-finite lr waits for issue 28 item 5), state.clear() /
 del state[p].
 
 After every operation either the operation raised where the issue says it must (the same parameter
@@ -545,12 +545,6 @@ class MechanizedMachine(RuleBasedStateMachine):
         """param_groups[g]["lr"] = lr (0, tiny, huge but finite, or normal) until changed again."""
         self._begin()
         self.opt.param_groups[g % len(self.opt.param_groups)]["lr"] = lr
-
-    @rule(g=st.integers(0, 9), lr=st.sampled_from([math.nan, math.inf, -math.inf]), none=st.integers(0, 15))
-    def nonfinite_lr_step(self, g, lr, none):
-        """One step with a non-finite lr in group g, then the lr restored: Mechanic's state stays finite
-        (or the step raises and changes nothing)."""
-        self._step(none, lr=(g, lr), may_raise=True)
 
     @rule(how=st.sampled_from(["clear", "del"]), i=st.integers(0, 9))
     def clear_state(self, how, i):
