@@ -77,7 +77,7 @@ class Engine:
         # A pickle or a deep copy: the layout holds weak references (and the reducer, perhaps a process
         # group); the copy binds again at its next step, keeping the buffers by position.
         state = dict(self.__dict__)
-        state.update(layout=None, _plan=None, _published=(), _pending=None, _kernels=None)
+        state.update(layout=None, _plan=None, _published=(), _pending=None, _kernels=None, _parts=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # a deep copy or an unpickled one

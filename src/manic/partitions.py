@@ -65,7 +65,7 @@ def of(engine: Engine) -> Zero | None:
     zero = getattr(engine, "_parts", None)
     if zero is None:
         zero = engine._parts = _detect(engine) or NOT_UNDER_ZERO
-    return None if zero is NOT_UNDER_ZERO else zero
+    return None if zero == NOT_UNDER_ZERO else zero
 
 
 @disable_dynamo  # (frames are the interpreter's: looked at eagerly under torch.compile(opt.step))
