@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["step_overhead.py", "memory.py", "train_overhead.py", "collectives.py", "scaling.py", "lr_sweep.py",
-           "run_length.py", "launcher_demo.py"]
+           "run_length.py", "launcher_demo.py", "suite.py"]
 # the full study's arguments, as the docs' tables name them in their "command:" lines
 FULL = {"step_overhead.py": [["--large", "1e8"], ["--compile-time", "--tensors", "128"]],
         "memory.py": [["--fsdp2", "--params", "3.2e7"]], "train_overhead.py": [["--steps", "100"]]}
