@@ -334,11 +334,12 @@ class SAMLike(torch.optim.Optimizer):
             p.add_(p.grad, alpha=-self.defaults["lr"])
 
 
-def test_step_with_a_closure_reaches_a_base_that_needs_it():
+def closure_run(make_base):
+    """A mechanized optimizer over a small float64 model, and a closure that counts its evaluations."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1).double()
     x, y = torch.randn(16, 3, dtype=F64), torch.randn(16, 1, dtype=F64)
-    opt = manic.mechanize(SAMLike(model.parameters()))
+    opt = manic.mechanize(make_base(model.parameters()))
     calls = []
 
     def closure():
@@ -348,24 +349,17 @@ def test_step_with_a_closure_reaches_a_base_that_needs_it():
         loss.backward()
         return loss
 
+    return opt, closure, calls
+
+
+def test_step_with_a_closure_reaches_a_base_that_needs_it():
+    opt, closure, calls = closure_run(SAMLike)
     loss = opt.step(closure)
     assert loss is not None and len(calls) == 2  # Mechanic's evaluation at x_t, SAM's at the perturbed point
 
 
 def test_step_with_a_closure_evaluates_it_once_for_a_plain_base():
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 1).double()
-    x, y = torch.randn(16, 3, dtype=F64), torch.randn(16, 1, dtype=F64)
-    opt = manic.mechanize(torch.optim.AdamW(model.parameters(), lr=0.1))
-    calls = []
-
-    def closure():
-        calls.append(1)
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
+    opt, closure, calls = closure_run(lambda ps: torch.optim.AdamW(ps, lr=0.1))
     for _ in range(3):
         opt.step(closure)
     assert len(calls) == 3
