@@ -21,11 +21,10 @@ from .compat import local
 from .layout import Layout, bind, carry, check_unique
 from .modes import Buffers
 from .options import Options
-from .readout import TunerReadout
+from .readout import TunerReadout, nan_stats
 from .state import check_state_dict, strip_mechanic
 from .tuner import TunerState
 
-_NAN_STATS = ("h", "grad_norm", "param_norm")
 # id(base optimizer) -> its engine; an entry goes with its engine (which holds the optimizer)
 _ENGINES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
@@ -58,7 +57,7 @@ class Engine:
         self.tuner = TunerState.fresh(self.hyper, dtype, device, len(optimizer.param_groups))
         self._plan: step.Plan | partitions.PartPlan | None = None
         self._parts: partitions.Zero | str | None = None  # DeepSpeed ZeRO's parts (partitions.of), once looked
-        self._last = _nan_stats(self.tuner)
+        self._last = nan_stats(self.tuner)
         self._published: storage.Published = ()
         self._own_load = False  # the engine is loading the base optimizer itself
         self._pending: tuple | None = None  # a load through the base optimizer, between its two hooks
@@ -198,7 +197,7 @@ class Engine:
         if self.hyper.per_group and not self.started and self.tuner.s.shape[0] != groups:
             # a group added before the start: one tuner per group, so the saved state fits a fresh optimizer
             self.tuner = TunerState.fresh(self.hyper, self.tuner.s.dtype, self.tuner.s.device, groups)
-            self._last = _nan_stats(self.tuner)
+            self._last = nan_stats(self.tuner)
         self._published = storage.publish(self.optimizer, self.tuner, self.hyper, self.layout, self.buffers,
                                           self._published)
 
@@ -250,12 +249,12 @@ class Engine:
             self.started = False
             fresh = TunerState.fresh(self.hyper, self.tuner.s.dtype, self.tuner.s.device,
                                      len(self.optimizer.param_groups))
-            self._last = _nan_stats(fresh)
+            self._last = nan_stats(fresh)
             self._install(self.layout, {}, fresh)
             return
         assert layout is not None
         state, buffers, self.started = storage.loaded(sd, layout, self.hyper, self.options.fp32_reference)
-        self._last = _nan_stats(state)
+        self._last = nan_stats(state)
         self._install(layout, buffers, state)
 
 
@@ -285,12 +284,6 @@ def _base_load_post(optimizer: torch.optim.Optimizer) -> None:
         if flag is not None:
             group["mechanic"] = flag
     engine._load(mechanic_sd, layout)
-
-
-def _nan_stats(state: TunerState) -> dict[str, Tensor]:
-    """The statistics before the first step: NaN, one per tuner."""
-    return {k: torch.full(state.lr_ref.shape, float("nan"), dtype=state.s.dtype, device=state.s.device)
-            for k in _NAN_STATS}
 
 
 def _provisional(optimizer: torch.optim.Optimizer) -> tuple[torch.dtype, torch.device]:
