@@ -4,13 +4,13 @@ The engine binds the layout (late, see layout.py) and carries the buffers over w
 change, checks once that every rank built it alike, and drives a step: ``prepare`` makes the plan
 (step.py) before the base step; ``step_base`` runs the base step with Mechanic's buffers hidden from
 its lazy state initialisation, installs the plan and rebases. Its tensors are published into the base
-optimizer and saved and loaded through storage.py. Both user-facing forms (``mechanize`` and the seed
-pair) drive this; ``manic.engine_of`` finds it behind either of them, or behind the base optimizer.
+optimizer, saved, loaded (also through the base optimizer's own ``load_state_dict``) and pickled through
+storage.py. Both user-facing forms (``mechanize`` and the seed pair) drive this; ``manic.engine_of`` finds
+it behind either of them, or behind the base optimizer.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Callable
 
 import torch
@@ -22,12 +22,8 @@ from .layout import Layout, bind, carry, check_unique
 from .modes import Buffers
 from .options import Options
 from .readout import TunerReadout, nan_stats
-from .state import check_state_dict, strip_mechanic
+from .state import check_state_dict
 from .tuner import TunerState
-
-# id(base optimizer) -> its engine; an entry goes with its engine (which holds the optimizer)
-_ENGINES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
 
 def engine_of(obj: Any) -> Engine | None:
     """The engine behind ``obj``: a ``manic.mechanize(...)`` optimizer, a ``manic.Mechanic``, or a base
@@ -35,8 +31,7 @@ def engine_of(obj: Any) -> Engine | None:
     ``hyper``, ``optimizer`` and ``params`` are for integrations and tests; the rest is internal.)"""
     if isinstance(obj, TunerReadout):
         return obj._engine  # type: ignore[return-value]
-    engine = _ENGINES.get(id(obj))
-    return engine if engine is not None and engine.optimizer is obj else None
+    return storage.attached(obj)
 
 
 class Engine:
@@ -59,32 +54,19 @@ class Engine:
         self._parts: partitions.Zero | str | None = None  # DeepSpeed ZeRO's parts (partitions.of), once looked
         self._last = nan_stats(self.tuner)
         self._published: storage.Published = ()
+        # loads through the base optimizer's own load_state_dict (storage.attach's hooks):
         self._own_load = False  # the engine is loading the base optimizer itself
-        self._pending: tuple | None = None  # a load through the base optimizer, between its two hooks
-        _ENGINES[id(optimizer)] = self
-        self._hook()
+        self._pending: tuple | None = None  # a load between the two hooks
+        storage.attach(optimizer, self)
         self.publish()
 
-    def _hook(self) -> None:
-        """Follow loads made through the base optimizer itself (``opt.base_optimizer.load_state_dict``,
-        the seed API's ``mechanic.optimizer``): Mechanic's part of the state dict is checked before the
-        base loads anything, and loaded after it."""
-        self.optimizer.register_load_state_dict_pre_hook(_base_load_pre)
-        self.optimizer.register_load_state_dict_post_hook(_base_load_post)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A pickle or a deep copy: the layout holds weak references (and the reducer, perhaps a process
-        # group); the copy binds again at its next step, keeping the buffers by position.
-        state = dict(self.__dict__)
-        state.update(layout=None, _plan=None, _published=(), _pending=None, _kernels=None, _parts=None)
-        return state
+    def __getstate__(self) -> dict[str, Any]:  # a pickle or a deep copy (storage.pickled)
+        return storage.pickled(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # a deep copy or an unpickled one
         self.__dict__.update(state)
         self._kernels = kernels.compiled() if self.options.compile else kernels.EAGER
-        _ENGINES[id(self.optimizer)] = self
-        if _base_load_pre not in getattr(self.optimizer, "_optimizer_load_state_dict_pre_hooks", {}).values():
-            self._hook()
+        storage.attach(self.optimizer, self)
 
     # ------------------------------------------------------------------ the layout
     @property
@@ -212,20 +194,13 @@ class Engine:
         anything changes."""
         layout = self._check_state_dict(sd) if sd is not None else None
         if base is not None:
-            self._load_base(base)
+            storage.load_base(self, base)
         self._load(sd, layout)
 
     def load_base(self, base: Callable[[], Any]) -> None:
         """Load the base optimizer's state alone (``base``), and publish Mechanic's tensors into it again."""
-        self._load_base(base)
+        storage.load_base(self, base)
         self.publish()
-
-    def _load_base(self, base: Callable[[], Any]) -> None:
-        self._own_load = True
-        try:
-            storage.load_base(self.optimizer, base)
-        finally:
-            self._own_load = False
 
     def check_add_group(self) -> None:
         """Raise if a param group cannot be added now (per_group=True after the start: its tuners are fixed)."""
@@ -258,34 +233,6 @@ class Engine:
         self._install(layout, buffers, state)
 
 
-def _base_load_pre(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str, Any] | None:
-    """A load through the base optimizer: check Mechanic's part first (a mismatch raises before the base
-    loads anything) and hand the base its own part."""
-    engine = _ENGINES.get(id(optimizer))
-    if engine is None or engine.optimizer is not optimizer or engine._own_load:
-        return None
-    base_sd, mechanic_sd = strip_mechanic(sd)
-    storage.check_base_state(optimizer, base_sd)
-    layout = engine._check_state_dict(mechanic_sd) if mechanic_sd is not None else None
-    flags = [g.get("mechanic") for g in optimizer.param_groups]
-    engine._pending = (mechanic_sd, layout, flags)
-    return base_sd
-
-
-def _base_load_post(optimizer: torch.optim.Optimizer) -> None:
-    """... then load Mechanic's part (none: Mechanic starts afresh from the loaded point, as
-    ``Mechanized.load_state_dict`` does with a plain state dict)."""
-    engine = _ENGINES.get(id(optimizer))
-    if engine is None or engine._pending is None:
-        return
-    mechanic_sd, layout, flags = engine._pending
-    engine._pending = None
-    for group, flag in zip(optimizer.param_groups, flags):
-        if flag is not None:
-            group["mechanic"] = flag
-    engine._load(mechanic_sd, layout)
-
-
 def _provisional(optimizer: torch.optim.Optimizer) -> tuple[torch.dtype, torch.device]:
     """The tuner's dtype and device until Mechanic binds (it moves them then if they differ)."""
     params = [p for g in optimizer.param_groups for p in g["params"] if p.is_floating_point()]
@@ -303,17 +250,4 @@ def _check_optimizer(optimizer: Any) -> None:
     if isinstance(optimizer, torch.optim.LBFGS):
         raise TypeError("LBFGS is not supported: its step re-evaluates the closure at trial points, "
                         "which Mechanic's rebase cannot follow; use a first-order optimizer")
-    for group in optimizer.param_groups:
-        clash = [k for k in group if k.startswith("mechanic_")]
-        if clash:
-            raise ValueError(f"The base optimizer's param group already has keys {clash}: Mechanic's state, from "
-                             "a checkpoint of a mechanized optimizer loaded into the plain one. Wrap first, then "
-                             "load: opt = manic.mechanize(optimizer); opt.load_state_dict(checkpoint). (Mechanic "
-                             "reserves the prefix 'mechanic_')")
-    for st in optimizer.state.values():
-        clash = [k for k in st if isinstance(k, str) and k.startswith("mechanic_")]
-        if clash:
-            raise ValueError(f"The base optimizer's state already has keys {clash}: Mechanic's state, from a "
-                             "checkpoint of a mechanized optimizer loaded into the plain one. Wrap first, then load: "
-                             "opt = manic.mechanize(optimizer); opt.load_state_dict(checkpoint). (Mechanic reserves "
-                             "the prefix 'mechanic_')")
+    storage.check_unclaimed(optimizer)
