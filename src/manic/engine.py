@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from . import kernels, partitions, step, storage, tuner
+from . import deepspeed_zero, kernels, partitions, step, storage, tuner
 from .compat import local
 from .layout import Layout, bind, carry, check_unique
 from .modes import Buffers
@@ -51,7 +51,7 @@ class Engine:
         dtype, device = _provisional(optimizer)
         self.tuner = TunerState.fresh(self.hyper, dtype, device, len(optimizer.param_groups))
         self._plan: step.Plan | partitions.PartPlan | None = None
-        self._parts: partitions.Zero | str | None = None  # DeepSpeed ZeRO's parts (partitions.of), once looked
+        self._parts: deepspeed_zero.Zero | str | None = None  # DeepSpeed ZeRO's parts (deepspeed_zero.of), once looked
         self._last = nan_stats(self.tuner)
         self._published: storage.Published = ()
         # loads through the base optimizer's own load_state_dict (storage.attach's hooks):
@@ -109,9 +109,9 @@ class Engine:
         if self._plan is not None:
             raise RuntimeError("Mechanic's step was called twice without the base optimizer stepping in between; "
                                "call updater.step() after each mechanic.step()")
-        parts = partitions.of(self)
+        parts = deepspeed_zero.of(self)
         if parts is not None:  # DeepSpeed ZeRO steps the optimizer once per partition (partitions.py)
-            self._plan = parts.prepare(self)
+            self._plan = partitions.prepare(parts, self)
             return
         layout, buffers = self._bound()
         groups = self.optimizer.param_groups
