@@ -1,4 +1,5 @@
-"""partitions.py: one Mechanic step over partitions stepped one at a time, as DeepSpeed ZeRO steps them.
+"""partitions.py and deepspeed_zero.py: one Mechanic step over partitions stepped one at a time, as DeepSpeed
+ZeRO steps them, and how DeepSpeed is found behind the engine.
 
 On one process, with stand-ins that do around the client optimizer what DeepSpeed 0.19.8 does
 (``Zero12``: stage_1_and_2.py's ``step`` / ``_optimizer_step``; ``Zero3``: stage3.py's, with
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import manic
-from manic import partitions
+from manic.deepspeed_zero import NOT_UNDER_ZERO
 from manic.testing import Count
 from nets import MLP
 
@@ -246,7 +247,7 @@ def test_one_part_takes_the_ordinary_step():
     X, y = data()
     torch.nn.functional.mse_loss(net(X), y).backward()
     zero.step()
-    assert opt._engine._parts is partitions.NOT_UNDER_ZERO and int(opt.stats()["step"]) == 1
+    assert opt._engine._parts is NOT_UNDER_ZERO and int(opt.stats()["step"]) == 1
 
 
 def test_skip_nonfinite_is_refused_before_anything_moves():
@@ -305,4 +306,4 @@ def test_not_under_deepspeed_is_looked_up_once():
     X, y = data()
     torch.nn.functional.mse_loss(net(X), y).backward()
     opt.step()
-    assert opt._engine._parts is partitions.NOT_UNDER_ZERO
+    assert opt._engine._parts is NOT_UNDER_ZERO

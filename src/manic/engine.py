@@ -4,31 +4,26 @@ The engine binds the layout (late, see layout.py) and carries the buffers over w
 change, checks once that every rank built it alike, and drives a step: ``prepare`` makes the plan
 (step.py) before the base step; ``step_base`` runs the base step with Mechanic's buffers hidden from
 its lazy state initialisation, installs the plan and rebases. Its tensors are published into the base
-optimizer and saved and loaded through storage.py. Both user-facing forms (``mechanize`` and the seed
-pair) drive this; ``manic.engine_of`` finds it behind either of them, or behind the base optimizer.
+optimizer, saved, loaded (also through the base optimizer's own ``load_state_dict``) and pickled through
+storage.py. Both user-facing forms (``mechanize`` and the seed pair) drive this; ``manic.engine_of`` finds
+it behind either of them, or behind the base optimizer.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from . import kernels, partitions, step, storage, tuner
+from . import deepspeed_zero, kernels, partitions, step, storage, tuner
 from .compat import local
 from .layout import Layout, bind, carry, check_unique
 from .modes import Buffers
 from .options import Options
-from .readout import TunerReadout
-from .state import check_state_dict, strip_mechanic
+from .readout import TunerReadout, nan_stats
+from .state import check_state_dict
 from .tuner import TunerState
-
-_NAN_STATS = ("h", "grad_norm", "param_norm")
-# id(base optimizer) -> its engine; an entry goes with its engine (which holds the optimizer)
-_ENGINES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
 
 def engine_of(obj: Any) -> Engine | None:
     """The engine behind ``obj``: a ``manic.mechanize(...)`` optimizer, a ``manic.Mechanic``, or a base
@@ -36,8 +31,7 @@ def engine_of(obj: Any) -> Engine | None:
     ``hyper``, ``optimizer`` and ``params`` are for integrations and tests; the rest is internal.)"""
     if isinstance(obj, TunerReadout):
         return obj._engine  # type: ignore[return-value]
-    engine = _ENGINES.get(id(obj))
-    return engine if engine is not None and engine.optimizer is obj else None
+    return storage.attached(obj)
 
 
 class Engine:
@@ -57,35 +51,22 @@ class Engine:
         dtype, device = _provisional(optimizer)
         self.tuner = TunerState.fresh(self.hyper, dtype, device, len(optimizer.param_groups))
         self._plan: step.Plan | partitions.PartPlan | None = None
-        self._parts: partitions.Zero | str | None = None  # DeepSpeed ZeRO's parts (partitions.of), once looked
-        self._last = _nan_stats(self.tuner)
+        self._parts: deepspeed_zero.Zero | str | None = None  # DeepSpeed ZeRO's parts (deepspeed_zero.of), once looked
+        self._last = nan_stats(self.tuner)
         self._published: storage.Published = ()
+        # loads through the base optimizer's own load_state_dict (storage.attach's hooks):
         self._own_load = False  # the engine is loading the base optimizer itself
-        self._pending: tuple | None = None  # a load through the base optimizer, between its two hooks
-        _ENGINES[id(optimizer)] = self
-        self._hook()
+        self._pending: tuple | None = None  # a load between the two hooks
+        storage.attach(optimizer, self)
         self.publish()
 
-    def _hook(self) -> None:
-        """Follow loads made through the base optimizer itself (``opt.base_optimizer.load_state_dict``,
-        the seed API's ``mechanic.optimizer``): Mechanic's part of the state dict is checked before the
-        base loads anything, and loaded after it."""
-        self.optimizer.register_load_state_dict_pre_hook(_base_load_pre)
-        self.optimizer.register_load_state_dict_post_hook(_base_load_post)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A pickle or a deep copy: the layout holds weak references (and the reducer, perhaps a process
-        # group); the copy binds again at its next step, keeping the buffers by position.
-        state = dict(self.__dict__)
-        state.update(layout=None, _plan=None, _published=(), _pending=None, _kernels=None, _parts=None)
-        return state
+    def __getstate__(self) -> dict[str, Any]:  # a pickle or a deep copy (storage.pickled)
+        return storage.pickled(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # a deep copy or an unpickled one
         self.__dict__.update(state)
         self._kernels = kernels.compiled() if self.options.compile else kernels.EAGER
-        _ENGINES[id(self.optimizer)] = self
-        if _base_load_pre not in getattr(self.optimizer, "_optimizer_load_state_dict_pre_hooks", {}).values():
-            self._hook()
+        storage.attach(self.optimizer, self)
 
     # ------------------------------------------------------------------ the layout
     @property
@@ -128,9 +109,9 @@ class Engine:
         if self._plan is not None:
             raise RuntimeError("Mechanic's step was called twice without the base optimizer stepping in between; "
                                "call updater.step() after each mechanic.step()")
-        parts = partitions.of(self)
+        parts = deepspeed_zero.of(self)
         if parts is not None:  # DeepSpeed ZeRO steps the optimizer once per partition (partitions.py)
-            self._plan = parts.prepare(self)
+            self._plan = partitions.prepare(parts, self)
             return
         layout, buffers = self._bound()
         groups = self.optimizer.param_groups
@@ -198,7 +179,7 @@ class Engine:
         if self.hyper.per_group and not self.started and self.tuner.s.shape[0] != groups:
             # a group added before the start: one tuner per group, so the saved state fits a fresh optimizer
             self.tuner = TunerState.fresh(self.hyper, self.tuner.s.dtype, self.tuner.s.device, groups)
-            self._last = _nan_stats(self.tuner)
+            self._last = nan_stats(self.tuner)
         self._published = storage.publish(self.optimizer, self.tuner, self.hyper, self.layout, self.buffers,
                                           self._published)
 
@@ -213,20 +194,13 @@ class Engine:
         anything changes."""
         layout = self._check_state_dict(sd) if sd is not None else None
         if base is not None:
-            self._load_base(base)
+            storage.load_base(self, base)
         self._load(sd, layout)
 
     def load_base(self, base: Callable[[], Any]) -> None:
         """Load the base optimizer's state alone (``base``), and publish Mechanic's tensors into it again."""
-        self._load_base(base)
+        storage.load_base(self, base)
         self.publish()
-
-    def _load_base(self, base: Callable[[], Any]) -> None:
-        self._own_load = True
-        try:
-            storage.load_base(self.optimizer, base)
-        finally:
-            self._own_load = False
 
     def check_add_group(self) -> None:
         """Raise if a param group cannot be added now (per_group=True after the start: its tuners are fixed)."""
@@ -250,47 +224,13 @@ class Engine:
             self.started = False
             fresh = TunerState.fresh(self.hyper, self.tuner.s.dtype, self.tuner.s.device,
                                      len(self.optimizer.param_groups))
-            self._last = _nan_stats(fresh)
+            self._last = nan_stats(fresh)
             self._install(self.layout, {}, fresh)
             return
         assert layout is not None
         state, buffers, self.started = storage.loaded(sd, layout, self.hyper, self.options.fp32_reference)
-        self._last = _nan_stats(state)
+        self._last = nan_stats(state)
         self._install(layout, buffers, state)
-
-
-def _base_load_pre(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str, Any] | None:
-    """A load through the base optimizer: check Mechanic's part first (a mismatch raises before the base
-    loads anything) and hand the base its own part."""
-    engine = _ENGINES.get(id(optimizer))
-    if engine is None or engine.optimizer is not optimizer or engine._own_load:
-        return None
-    base_sd, mechanic_sd = strip_mechanic(sd)
-    storage.check_base_state(optimizer, base_sd)
-    layout = engine._check_state_dict(mechanic_sd) if mechanic_sd is not None else None
-    flags = [g.get("mechanic") for g in optimizer.param_groups]
-    engine._pending = (mechanic_sd, layout, flags)
-    return base_sd
-
-
-def _base_load_post(optimizer: torch.optim.Optimizer) -> None:
-    """... then load Mechanic's part (none: Mechanic starts afresh from the loaded point, as
-    ``Mechanized.load_state_dict`` does with a plain state dict)."""
-    engine = _ENGINES.get(id(optimizer))
-    if engine is None or engine._pending is None:
-        return
-    mechanic_sd, layout, flags = engine._pending
-    engine._pending = None
-    for group, flag in zip(optimizer.param_groups, flags):
-        if flag is not None:
-            group["mechanic"] = flag
-    engine._load(mechanic_sd, layout)
-
-
-def _nan_stats(state: TunerState) -> dict[str, Tensor]:
-    """The statistics before the first step: NaN, one per tuner."""
-    return {k: torch.full(state.lr_ref.shape, float("nan"), dtype=state.s.dtype, device=state.s.device)
-            for k in _NAN_STATS}
 
 
 def _provisional(optimizer: torch.optim.Optimizer) -> tuple[torch.dtype, torch.device]:
@@ -310,17 +250,4 @@ def _check_optimizer(optimizer: Any) -> None:
     if isinstance(optimizer, torch.optim.LBFGS):
         raise TypeError("LBFGS is not supported: its step re-evaluates the closure at trial points, "
                         "which Mechanic's rebase cannot follow; use a first-order optimizer")
-    for group in optimizer.param_groups:
-        clash = [k for k in group if k.startswith("mechanic_")]
-        if clash:
-            raise ValueError(f"The base optimizer's param group already has keys {clash}: Mechanic's state, from "
-                             "a checkpoint of a mechanized optimizer loaded into the plain one. Wrap first, then "
-                             "load: opt = manic.mechanize(optimizer); opt.load_state_dict(checkpoint). (Mechanic "
-                             "reserves the prefix 'mechanic_')")
-    for st in optimizer.state.values():
-        clash = [k for k in st if isinstance(k, str) and k.startswith("mechanic_")]
-        if clash:
-            raise ValueError(f"The base optimizer's state already has keys {clash}: Mechanic's state, from a "
-                             "checkpoint of a mechanized optimizer loaded into the plain one. Wrap first, then load: "
-                             "opt = manic.mechanize(optimizer); opt.load_state_dict(checkpoint). (Mechanic reserves "
-                             "the prefix 'mechanic_')")
+    storage.check_unclaimed(optimizer)

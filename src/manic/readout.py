@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .options import Options
-from .tuner import Resolved, of_group
+from .tuner import Resolved, TunerState, of_group
 
 
 class TunerReadout:
@@ -54,3 +54,9 @@ def effective_lrs(S: Tensor, groups: list[dict[str, Any]], lrs: list[float] | No
     lrs = [g["lr"] for g in groups] if lrs is None else lrs
     return [per_group(S, i) * lr if g.get("mechanic", True) else torch.as_tensor(lr, dtype=S.dtype, device=S.device)
             for i, (lr, g) in enumerate(zip(lrs, groups))]
+
+
+def nan_stats(state: TunerState) -> dict[str, Tensor]:
+    """The statistics ``h``, ``grad_norm`` and ``param_norm`` before the first step: NaN, one per tuner."""
+    return {k: torch.full(state.lr_ref.shape, float("nan"), dtype=state.s.dtype, device=state.s.device)
+            for k in ("h", "grad_norm", "param_norm")}

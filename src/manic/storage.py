@@ -1,5 +1,6 @@
 """Where Mechanic's state lives: published into the base optimizer, hidden from its lazy state
-initialisation, saved and loaded (the format and its checks: state.py).
+initialisation, saved and loaded (the format and its checks: state.py), also through the base optimizer's
+own ``load_state_dict`` and in a pickle of the engine.
 
 The engine owns its tensors and *publishes* them into the base optimizer, so that ordinary checkpoint
 tools see them: the state mode's per-parameter buffers under ``optimizer.state[p]["mechanic_ref" |
@@ -9,8 +10,9 @@ tools see them: the state mode's per-parameter buffers under ``optimizer.state[p
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -18,9 +20,43 @@ from torch import Tensor
 from .compat import is_dtensor
 from .layout import Layout
 from .modes import Buffers
-from .tuner import Resolved
-from .state import PARAM_KEYS, group_entries
-from .tuner import TunerState
+from .state import PARAM_KEYS, group_entries, strip_mechanic
+from .tuner import Resolved, TunerState
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+# id(base optimizer) -> its engine; an entry goes with its engine (which holds the optimizer)
+_ENGINES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def attach(optimizer: torch.optim.Optimizer, engine: Engine) -> None:
+    """Record ``engine`` as the one behind ``optimizer`` (``attached``), and follow loads made through the
+    base optimizer itself (``opt.base_optimizer.load_state_dict``, the seed API's ``mechanic.optimizer``):
+    Mechanic's part of the state dict is checked before the base loads anything, and loaded after it."""
+    _ENGINES[id(optimizer)] = engine
+    if _base_load_pre not in getattr(optimizer, "_optimizer_load_state_dict_pre_hooks", {}).values():
+        optimizer.register_load_state_dict_pre_hook(_base_load_pre)
+        optimizer.register_load_state_dict_post_hook(_base_load_post)
+
+
+def attached(optimizer: Any) -> Engine | None:
+    """The engine ``attach`` recorded for ``optimizer``, or None."""
+    engine = _ENGINES.get(id(optimizer))
+    return engine if engine is not None and engine.optimizer is optimizer else None
+
+
+def check_unclaimed(optimizer: torch.optim.Optimizer) -> None:
+    """Raise ValueError if the base optimizer already carries Mechanic's state (a checkpoint of a mechanized
+    optimizer loaded into the plain one)."""
+    where = [("param group", g) for g in optimizer.param_groups] + [("state", st) for st in optimizer.state.values()]
+    for what, entries in where:
+        clash = [k for k in entries if isinstance(k, str) and k.startswith("mechanic_")]
+        if clash:
+            raise ValueError(f"The base optimizer's {what} already has keys {clash}: Mechanic's state, from a "
+                             "checkpoint of a mechanized optimizer loaded into the plain one. Wrap first, then load: "
+                             "opt = manic.mechanize(optimizer); opt.load_state_dict(checkpoint). (Mechanic reserves "
+                             "the prefix 'mechanic_')")
 
 
 @contextmanager
@@ -115,11 +151,24 @@ def check_base_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> No
                                  "saved from this model's optimizer")
 
 
-def load_base(optimizer: torch.optim.Optimizer, load: Callable[[], Any]) -> None:
-    """Run the base optimizer's load_state_dict, keeping the groups' "mechanic" flags: torch
-    replaces every group by the saved one, which may come from a run without them."""
-    flags = [g.get("mechanic") for g in optimizer.param_groups]
-    load()
+def load_base(engine: Engine, load: Callable[[], Any]) -> None:
+    """Run the base optimizer's load_state_dict for ``engine`` (its hooks leave Mechanic's part to the
+    engine), keeping the groups' "mechanic" flags: torch replaces every group by the saved one, which
+    may come from a run without them."""
+    flags = _flags(engine.optimizer)
+    engine._own_load = True
+    try:
+        load()
+    finally:
+        engine._own_load = False
+    _restore_flags(engine.optimizer, flags)
+
+
+def _flags(optimizer: torch.optim.Optimizer) -> list[Any]:
+    return [g.get("mechanic") for g in optimizer.param_groups]
+
+
+def _restore_flags(optimizer: torch.optim.Optimizer, flags: list[Any]) -> None:
     for group, flag in zip(optimizer.param_groups, flags):
         if flag is not None:
             group["mechanic"] = flag
@@ -148,3 +197,37 @@ def _placed(place: Callable, p: Tensor, key: str, value: Tensor, fp32_reference:
         raise ValueError(f"Checkpoint {key} is a plain tensor but its parameter is a DTensor; "
                          "load sharded state with torch.distributed.checkpoint")
     return place(p, key, value, fp32_reference)
+
+
+def _base_load_pre(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str, Any] | None:
+    """A load through the base optimizer: check Mechanic's part first (a mismatch raises before the base
+    loads anything) and hand the base its own part."""
+    engine = attached(optimizer)
+    if engine is None or engine._own_load:
+        return None
+    base_sd, mechanic_sd = strip_mechanic(sd)
+    check_base_state(optimizer, base_sd)
+    layout = engine._check_state_dict(mechanic_sd) if mechanic_sd is not None else None
+    engine._pending = (mechanic_sd, layout, _flags(optimizer))
+    return base_sd
+
+
+def _base_load_post(optimizer: torch.optim.Optimizer) -> None:
+    """... then load Mechanic's part (none: Mechanic starts afresh from the loaded point, as
+    ``Mechanized.load_state_dict`` does with a plain state dict)."""
+    engine = attached(optimizer)
+    if engine is None or engine._pending is None:
+        return
+    mechanic_sd, layout, flags = engine._pending
+    engine._pending = None
+    _restore_flags(optimizer, flags)
+    engine._load(mechanic_sd, layout)
+
+
+def pickled(engine: Engine) -> dict[str, Any]:
+    """What a pickle or a deep copy of ``engine`` keeps: the layout holds weak references (and the reducer,
+    perhaps a process group), so the copy binds again at its next step, keeping the buffers by position;
+    the plan, what was published and DeepSpeed's parts go too, and the kernels are chosen again."""
+    state = dict(engine.__dict__)
+    state.update(layout=None, _plan=None, _published=(), _pending=None, _kernels=None, _parts=None)
+    return state
