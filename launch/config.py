@@ -7,7 +7,7 @@ import argparse
 from dataclasses import MISSING, dataclass, field, fields
 
 from manic import Options
-from manic.options import for_run_length
+from manic.options import field_doc, for_run_length
 
 # Mechanic's options the launcher exposes, and their flag names where the plain one would clash
 # with the base optimizer's (--weight-decay); the reducer options are chosen by --parallel.
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("Mechanic (the keywords of manic.mechanize; docs/options.md)")
     for f in fields(Options):
         if f.name in MECHANIC_FLAGS:
-            _add(group, MECHANIC_FLAGS[f.name], f.type, f.default, f"Mechanic's {f.name}: {f.metadata['doc']}")
+            _add(group, MECHANIC_FLAGS[f.name], f.type, f.default, f"Mechanic's {f.name}: {field_doc(f)}")
     return parser
 
 

@@ -39,6 +39,44 @@ def test_every_python_snippet_is_an_included_example():
     assert not free, f"Python blocks outside an include of examples/: {free}"
 
 
+def _anchors(doc: Path) -> set[str]:
+    """The anchors GitHub gives the headings of ``doc`` (outside code blocks)."""
+    text = re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.S | re.M)
+    seen: dict[str, int] = {}
+    for title in re.findall(r"^#{1,6} +(.+?) *$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        seen[slug if slug not in seen else f"{slug}-{seen[slug]}"] = seen.get(slug, 0) + 1
+    return set(seen)
+
+
+def test_section_references_resolve():
+    """Every link to a section (`file.md#anchor`, `#anchor`) in README and docs/, every `README.md#anchor` or
+    `docs/x.md#anchor` in the code, and every `README's "X"` names a heading that exists (the code pointed to
+    a README section, "Hyperparameters and options", that README's rewrite had moved out: the code names README
+    only in those two forms, or as the seed project's README)."""
+    refs = []  # (where, file, anchor or quoted heading)
+    for doc in DOCS:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", doc.read_text()):
+            refs.append((doc, (doc.parent / target).resolve() if target else doc, anchor))
+    code = [*ROOT.glob("src/manic/**/*.py"), *ROOT.glob("launch/*.py"), *ROOT.glob("examples/*.py"),
+            *ROOT.glob("benchmarks/*.py"), *ROOT.glob("tools/*.py"),
+            *(p for p in ROOT.glob("tests/**/*.py") if p.name != "test_docs.py")]
+    for path in code:
+        for name, anchor in re.findall(r"(?<![\w/])((?:docs/)?[\w-]+\.md)#([\w-]+)", path.read_text()):
+            target = ROOT / name if "/" in name or name == "README.md" else ROOT / "docs" / name
+            if target.exists() or "/" in name or name == "README.md":  # not benchmarks/results' include keys
+                refs.append((path, target, anchor))
+    for path in [*DOCS, *code]:
+        for heading in re.findall(r"README's \"([^\"]+)\"", path.read_text()):
+            refs.append((path, ROOT / "README.md", re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")))
+    broken = [f"{where.relative_to(ROOT)} -> {target.relative_to(ROOT)}#{anchor}" for where, target, anchor in refs
+              if not target.exists() or anchor not in _anchors(target)]
+    assert len(refs) > 50 and not broken, broken
+    loose = [f"{p.relative_to(ROOT)}: {m.group()}" for p in ROOT.glob("src/manic/**/*.py")
+             for m in re.finditer(r"(?<!seed )README(?!\.md#|'s \")\S*", p.read_text())]
+    assert not loose, loose
+
+
 def test_no_citation_of_a_missing_specification():
     """The specification is docs/algorithm.md; nothing may cite a file the repository lacks."""
     offenders = []

@@ -1,5 +1,5 @@
 """Precision: float32 and bf16 models start learning in the default mode; the recompute
-mode's precision floor (documented in README) is real; fp32/fp64/bf16 all train."""
+mode's precision floor (docs/options.md#precision) is real; fp32/fp64/bf16 all train."""
 
 from __future__ import annotations
 

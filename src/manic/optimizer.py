@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import torch
 
+from .apidoc import api_doc
 from .compat import disable_dynamo, init_optimizer_hooks, is_optimizer_internal, step_with_own_hooks
 from .engine import Engine
 from .options import Options, with_options_signature
@@ -14,11 +15,15 @@ from .state import strip_mechanic
 from .storage import check_base_state
 
 
+@api_doc(readouts=True)
 class Mechanized(TunerReadout, torch.optim.Optimizer):
-    """A base optimizer whose accumulated updates Mechanic scales.
+    """A base optimizer whose accumulated updates Mechanic scales (what ``manic.mechanize`` returns).
 
     ``param_groups`` and ``state`` ARE the base optimizer's, so LR schedulers, gradient
     scalers and checkpoint tools built on either object see the same thing.
+
+    Readouts:
+        base_optimizer: the wrapped optimizer.
     """
 
     # GradScaler must unscale the gradients before step(): Mechanic's sums need them unscaled.
@@ -146,12 +151,26 @@ def _once(closure: Callable[[], Any], loss: Any, params: list[torch.Tensor]) -> 
 
 
 @with_options_signature
+@api_doc(options=True, readouts=True)
 def mechanize(optimizer: torch.optim.Optimizer, **options: Any) -> Mechanized:
     """Wrap ``optimizer`` so that Mechanic tunes the scale of its updates.
 
-    Returns a ``torch.optim.Optimizer``; use it wherever the base optimizer was used. The
-    keywords are the fields of ``manic.Options`` (README: Hyperparameters and options).
-    Mechanic reads which parameters it works on from ``optimizer.param_groups`` at its first
-    step, so frameworks may replace them until then.
+    Mechanic reads which parameters it works on from ``optimizer.param_groups`` at its first step (or
+    load), so frameworks may replace them until then. The keywords are the fields of ``manic.Options``;
+    docs/options.md explains each at length.
+
+    Args:
+        optimizer: the base optimizer, a first-order ``torch.optim.Optimizer`` (build it after wrapping or
+            sharding the model). A param group with ``"mechanic": False`` keeps its own lr.
+
+    Returns:
+        Mechanized: a ``torch.optim.Optimizer`` whose ``param_groups`` and ``state`` are the base
+        optimizer's; use it wherever the base optimizer was used (LR schedulers, GradScaler,
+        ``state_dict()``, DCP).
+
+    Raises:
+
+    Readouts:
+        base_optimizer: the optimizer passed in.
     """
     return Mechanized(optimizer, Options.from_kwargs("mechanize", options))

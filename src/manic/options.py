@@ -1,7 +1,8 @@
 """Every keyword Mechanic takes, with its default and its check, written once.
 
-``mechanize(...)``, ``Mechanic(...)`` and the launcher all build an ``Options``; README's option
-tables list its fields (a test keeps the two in step). ``Options.hyper`` resolves it into
+``mechanize(...)``, ``Mechanic(...)`` and the launcher all build an ``Options``; docs/options.md's
+tables list its fields (a test keeps the two in step), and ``field_doc`` writes each field's doc for help()
+(apidoc.py) and the launcher's ``--help``. ``Options.hyper`` resolves it into
 ``tuner.Resolved``, the record the tuner and the state modes read: every default applied, no defaults or
 checks of its own.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import Field, dataclass, field, fields, replace
 from typing import Any, Callable
 
 from .modes import MODES
@@ -36,11 +37,10 @@ class Options:
 
     # hyperparameters of the tuner (docs/algorithm.md)
     weight_decay: float | None = field(default=None, metadata=_doc(
-        "Mechanic's own decay lambda (None: 4 invariant, on S * lr; 1e-2 original, on S)", hyper=True))
+        "Mechanic's own decay lambda, on S * lr in the invariant form and on S in the original", hyper=True))
     eps: float = field(default=1e-8, metadata=_doc("numerical floor in the tuner", hyper=True))
     s_init: float | None = field(default=None, metadata=_doc(
-        "the start: an effective lr (invariant; None: 1e-3), or the initial scale (original; None: 1e-6)",
-        hyper=True))
+        "the start: an effective lr in the invariant form, the initial scale in the original", hyper=True))
     num_betas: int = field(default=6, metadata=_doc("betas 1 - 10**-i, i = 1..n", hyper=True))
     store_delta: bool = field(default=True, metadata=_doc(
         "the older spelling of state: True 'ref+delta', False 'ref' (used when state is None)", hyper=True))
@@ -51,7 +51,9 @@ class Options:
     state: str | None = field(default=None, metadata=_doc(
         "what is kept per parameter: 'ref+delta' (x_ref and Delta), 'ref' (x_ref; Delta recomputed) or 'delta' "
         "(Delta; x_ref implied); None: from store_delta"))
-    reducer: Any = field(default=None, metadata=_doc("object with all_reduce_sum(tensor) -> tensor"))
+    reducer: Any = field(default=None, metadata=_doc(
+        "object with all_reduce_sum(tensor) -> tensor; None (with process_group and device_mesh None): the ranks "
+        "are detected from the parameters"))
     process_group: Any = field(default=None, metadata=_doc("group to all-reduce the sums over"))
     device_mesh: Any = field(default=None, metadata=_doc("mesh whose dims the sums are reduced over"))
     skip_nonfinite: bool = field(default=False, metadata=_doc("skip the base step when the sums are not finite"))
@@ -142,6 +144,12 @@ def Hyper(**kwargs: Any) -> Resolved:  # noqa: N802  (the name of the record it 
 
 
 NAMES = tuple(f.name for f in fields(Options))
+
+
+def field_doc(f: Field) -> str:
+    """A field's doc and, for the fields whose None depends on the variant, what None means in each (DEFAULTS)."""
+    per_variant = [f"{values[f.name]!r} ({variant})" for variant, values in DEFAULTS.items() if f.name in values]
+    return f.metadata["doc"] + (f"; None: {', '.join(per_variant)}" if per_variant else "")
 HYPER_NAMES = tuple(f.name for f in fields(Options) if f.metadata["hyper"])
 
 

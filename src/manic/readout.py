@@ -24,6 +24,7 @@ class TunerReadout:
 
     @property
     def options(self) -> Options:
+        """The options as given (``manic.Options``; ``hyper`` has the defaults applied)."""
         return self._engine.options
 
     @property

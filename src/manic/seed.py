@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .apidoc import api_doc
 from .engine import Engine
 from .options import Options, with_options_signature
 from .readout import TunerReadout
@@ -18,7 +19,23 @@ from .state import strip_mechanic
 
 
 class Updater:
-    """Steps a base optimizer and then its LR scheduler (a static schedule if none)."""
+    """Steps a base optimizer and then its LR scheduler (a static schedule if none): the half of the seed
+    API that ``Mechanic(updater, **options)`` tunes (Mechanic's options go there; ``help(manic.Mechanic)``).
+
+    Args:
+        optimizer: the base optimizer, a ``torch.optim.Optimizer``.
+        lr_scheduler: an LR scheduler built on ``optimizer`` (anything with ``step()``), or None.
+
+    Raises:
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, or ``lr_scheduler`` has no ``step()``.
+        ValueError: ``lr_scheduler`` is attached to another optimizer.
+
+    Readouts:
+        base_optimizer: the optimizer.
+        lr_scheduler: the scheduler, or None.
+        get_last_lr(): the scheduler's last lrs (the schedule, not what Mechanic applies: that is
+            ``mechanic.effective_lr``).
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, lr_scheduler: Any = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -77,10 +94,21 @@ class Updater:
             self.lr_scheduler.load_state_dict(state_dict["lr_scheduler"])
 
 
+@api_doc(options=True, readouts=True)
 class Mechanic(TunerReadout):
     """Tunes the scale of the updates of ``updater``'s base optimizer.
 
-    Call ``mechanic.step()`` after ``loss.backward()`` and before ``updater.step()``.
+    Call ``mechanic.step()`` after ``loss.backward()`` and before ``updater.step()``. The keywords are
+    the fields of ``manic.Options``; docs/options.md explains each at length.
+
+    Args:
+        updater: a ``manic.Updater`` holding the base optimizer and its LR scheduler.
+
+    Raises:
+
+    Readouts:
+        updater: the updater; ``optimizer`` is its base optimizer.
+        get_last_lr(): ``[float(scale)]``, like an LR scheduler (reading it syncs with the device).
     """
 
     @with_options_signature
