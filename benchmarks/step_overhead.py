@@ -76,11 +76,12 @@ def kind(method: str, base: str) -> str:
 
 # reads + writes of parameter-sized memory per step
 BASE_PASSES = {"adamw_fused": 7, "adamw_foreach": 7, "sgd_foreach": 5}  # AdamW: read x g m v, write x m v
-# Mechanic's extra work: sums (eager: <g,D> and <x,D> read 2 each, ||g||^2 and ||x||^2 1 each; fused: g, D and x
-# in one pass) + rebase (eager store_delta: sub 3, where 2, addcmul 3, addcmul 3; fused: read x, x_ref, Delta,
-# write Delta, x)
-# store_delta=False: diffs x - x_ref (3) + sums (6) + rebase (sub 3, sub 3, where 2, addcmul 3, addcmul 3)
-PASSES = {"manic": 6 + 11, "manic, store_delta=False": 3 + 6 + 14, "manic, compile=True": 3 + 5}
+# Mechanic's extra work: sums (eager, 16/32-bit: the gradients' float32 norms for their scale 1, the scaled copy
+# 2, <g,D> 2 and ||g||^2 1 on it, <x,D> 2, ||x||^2 1; fused: g, D and x in one pass) + rebase (eager
+# store_delta: x - x_ref 3, u = . - S * Delta 3, nan_to_num 2, Delta + u 3, x = x_ref + S * Delta 3; fused:
+# read x, x_ref, Delta, write Delta, x)
+# store_delta=False: diffs x - x_ref (3) + sums (9) + rebase (sub 3, addcmul 3, nan_to_num 2, addcmul 3, addcmul 3)
+PASSES = {"manic": 9 + 14, "manic, store_delta=False": 3 + 9 + 14, "manic, compile=True": 3 + 5}
 BOUND = 2 + 5  # the sums read g and Delta; the rebase reads x, x_ref, Delta and writes Delta, x
 
 

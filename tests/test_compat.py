@@ -33,6 +33,19 @@ def test_foreach_kernels():
     assert torch.equal(diff[0], torch.tensor([2.0, 3.0])) and torch.equal(a[0], torch.tensor([3.0, 4.0]))
     compat.foreach_sub_(a, b)
     assert torch.equal(a[1], torch.tensor([[0.0, 1.0], [1.0, 3.0]]))
+    # a list of 0-dim tensors as the factor, broadcast per tensor (what the eager rebase passes: no host sync)
+    k = torch.tensor(-2.0)
+    compat.foreach_addcmul_(a, b, [k, k])
+    assert torch.equal(a[0], torch.tensor([0.0, 1.0])) and torch.equal(a[1], torch.tensor([[-2.0, -1.0], [-1.0, 1.0]]))
+    compat.foreach_add_(a, b)
+    compat.foreach_mul_(a, torch.tensor(2.0))
+    assert torch.equal(a[0], torch.tensor([2.0, 4.0]))
+    out = [torch.empty(2), torch.empty(2, 2)]
+    compat.foreach_copy_(out, [torch.ones(2, dtype=torch.bfloat16), torch.zeros(2, 2, dtype=torch.float64)])
+    assert out[0].dtype == torch.float32 and torch.equal(out[0], torch.ones(2))
+    norms = torch.empty(2)
+    compat.foreach_norm_out([torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0], dtype=torch.bfloat16)], list(norms.unbind()))
+    assert norms.tolist() == [5.0, 1.0]
 
 
 def test_init_optimizer_hooks():

@@ -15,9 +15,20 @@ from torch import Tensor
 # torch.compile must not trace into (de)serialisation; torch.optim uses the same decorator.
 disable_dynamo: Callable[[Callable], Callable] = torch._disable_dynamo
 
-# Multi-tensor kernels: the same ones torch.optim's foreach implementations use.
+# Multi-tensor kernels: the same ones torch.optim's foreach implementations use (one dispatch for a list of
+# tensors; a list of 0-dim tensors as a factor is broadcast per tensor, on the device, without a host sync).
 foreach_sub = torch._foreach_sub
 foreach_sub_ = torch._foreach_sub_
+foreach_add_ = torch._foreach_add_
+foreach_mul_ = torch._foreach_mul_
+foreach_addcmul_ = torch._foreach_addcmul_
+foreach_copy_ = torch._foreach_copy_
+foreach_norm = torch._foreach_norm
+
+
+def foreach_norm_out(tensors: list[Tensor], out: list[Tensor]) -> None:
+    """``out[i] = ||tensors[i]||_2`` (float32 outputs: 16-bit inputs accumulate in float32) in one dispatch."""
+    torch.ops.aten._foreach_norm.Scalar_out(tensors, 2, out[0].dtype, out=out)
 
 
 def is_dtensor(t: Any) -> bool:

@@ -99,8 +99,9 @@ def begin(groups: list[dict[str, Any]], layout: Layout, buffers: dict[int, Buffe
 
 
 def stats(sums: Tensor, h: Tensor) -> dict[str, Tensor]:
-    """A step's statistics for stats(), from its reduced sums and the tuner's h."""
-    return {"h": h, "grad_norm": sums[..., tuner.G_SQ].sqrt(), "param_norm": sums[..., tuner.X_SQ].sqrt()}
+    """A step's statistics for stats(), from its reduced sums (float64) and the tuner's h, in h's dtype."""
+    norms = sums[..., [tuner.G_SQ, tuner.X_SQ]].sqrt().to(h.dtype)
+    return {"h": h, "grad_norm": norms[..., 0], "param_norm": norms[..., 1]}
 
 
 def views(layout: Layout, buffers: dict[int, Buffers]) -> tuple[list[Tensor], list[Buffers]]:
@@ -110,8 +111,9 @@ def views(layout: Layout, buffers: dict[int, Buffers]) -> tuple[list[Tensor], li
 
 
 def local_sums(layout: Layout, xs: list[Tensor], ds: list[Tensor], fns: Kernels) -> Tensor:
-    """This rank's partial sums (G_DOT_D, X_DOT_D, G_SQ, X_SQ) per tuner, shape (tuners, 4), over the
-    slots with their local ``xs`` and directions ``ds`` (a replicated parameter counts on one rank)."""
+    """This rank's partial sums (G_DOT_D, X_DOT_D, G_SQ, X_SQ) per tuner, shape (tuners, 4), in float64
+    (tuner.WIDE: what the one all-reduce sends), over the slots with their local ``xs`` and directions
+    ``ds`` (a replicated parameter counts on one rank)."""
     return torch.stack([_sums([(layout.slots[k], xs[k], ds[k]) for k in ks], layout, fns) for ks in layout.tuners])
 
 
@@ -131,7 +133,7 @@ def _sums(parts: list[tuple[Slot, Tensor, Tensor]], layout: Layout, fns: Kernels
         gs.append(local(g))
         gds.append(d)
         negate.append(s.negate)
-    return fns.partial_sums(gs, gds, negate, xs, xds, layout.dtype, layout.device)
+    return fns.partial_sums(gs, gds, negate, xs, xds, tuner.WIDE, layout.device)
 
 
 @torch.no_grad()

@@ -19,6 +19,11 @@ from .modes import MODES, StateMode
 # Layout of the packed tensor of global sums that one step reduces across ranks, with D the direction
 # the state mode accumulates (modes.py: Delta, or x - x_ref in the recompute form, state="ref"):
 G_DOT_D, X_DOT_D, G_SQ, X_SQ = range(4)
+# The sums and the tuner's running quantities r, m, v are float64 whatever the parameters' dtype: a
+# gradient of 1e20 has a squared norm beyond float32's range, and h of that size a v (the sum of h^2)
+# beyond it (issue 28). s, lr_ref and what users read (the scale, the statistics) keep the tuner's dtype.
+WIDE = torch.float64
+RUNNING = ("r", "m", "v")
 
 VARIANTS = ("invariant", "original")
 # The invariant form's floor, as a fraction of its start (docs/algorithm.md, "The invariant form").
@@ -60,10 +65,10 @@ class TunerState:
     learning rate. step counts the steps taken, skipped the steps whose sums were not finite.
     """
 
-    r: Tensor  # (n,)
-    m: Tensor  # (n,)
-    v: Tensor  # (n,)
-    s: Tensor  # (n,)
+    r: Tensor  # (n,) float64
+    m: Tensor  # (n,) float64
+    v: Tensor  # (n,) float64
+    s: Tensor  # (n,) the tuner's dtype
     step: Tensor  # () int64
     skipped: Tensor  # () int64
     lr_ref: Tensor  # ()
@@ -78,7 +83,7 @@ class TunerState:
         """A new state; ``groups`` tuners (one per param group) if ``hyper.per_group``."""
         lead = (groups,) if hyper.per_group else ()
         shape = (*lead, hyper.num_betas)
-        zeros = lambda: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        zeros = lambda: torch.zeros(shape, dtype=WIDE, device=device)  # noqa: E731
         count = lambda: torch.zeros((), dtype=torch.int64, device=device)  # noqa: E731
         return TunerState(zeros(), zeros(), zeros(), torch.full(shape, hyper.s_init, dtype=dtype, device=device),
                           count(), count(), torch.ones(lead, dtype=dtype, device=device))
@@ -93,10 +98,11 @@ class TunerState:
 
     @staticmethod
     def of(tensors: dict[str, Tensor], dtype: torch.dtype, device: torch.device) -> "TunerState":
-        """A copy of ``tensors`` (keyed like ``tensors()``) in ``dtype`` (the counters stay int64) on ``device``."""
+        """A copy of ``tensors`` (keyed like ``tensors()``) in ``dtype`` on ``device`` (the counters stay int64,
+        r, m and v float64)."""
         def own(k: str) -> Tensor:
-            return tensors[k].detach().to(device=device, dtype=torch.int64 if k in ("step", "skipped") else dtype,
-                                          copy=True)
+            want = torch.int64 if k in ("step", "skipped") else WIDE if k in RUNNING else dtype
+            return tensors[k].detach().to(device=device, dtype=want, copy=True)
         lr_ref = own("lr_ref") if "lr_ref" in tensors else torch.ones((), dtype=dtype, device=device)
         return TunerState(own("r"), own("m"), own("v"), own("s"), own("step"), own("skipped"), lr_ref)
 
@@ -135,12 +141,14 @@ def update(state: TunerState, sums: Tensor, hyper: Resolved, beta: Tensor) -> tu
     the choice is made on the device, so no host sync happens.
     """
     eps, lam = hyper.eps, hyper.weight_decay
-    S = state.s.sum(-1)
-    g_dot_d, x_dot_d, g_sq, x_sq = sums.unbind(-1)
+    dtype = state.s.dtype
+    wide = lambda t: t.to(WIDE)  # noqa: E731  (a no-op for a float64 tuner)
+    S = wide(state.s).sum(-1)
+    g_dot_d, x_dot_d, g_sq, x_sq = wide(sums).unbind(-1)
     gn, xn = g_sq.sqrt(), x_sq.sqrt()
     # h = <g + lam * S * |g| / (|x| + eps) * x, D>
     h = g_dot_d + lam * S * gn / (xn + eps) * x_dot_d
-    h = h / hyper.mode.unit(S, state.lr_ref, eps)
+    h = h / wide(hyper.mode.unit(S, wide(state.lr_ref), eps))
     hb = h.unsqueeze(-1)  # broadcast over the betas
     floor = hyper.s_init
     r_old = state.r
@@ -150,14 +158,15 @@ def update(state: TunerState, sums: Tensor, hyper: Resolved, beta: Tensor) -> tu
         first = (state.v == 0) & (hb != 0)
         r_old = torch.where(first, hyper.s_init / hyper.num_betas * hb.abs(), r_old)
 
+    beta = wide(beta)
     hc = torch.minimum(torch.maximum(hb, -state.m), state.m)  # clip with the OLD m
     m = torch.maximum(beta * state.m, hb.abs() + eps)
     v = beta * beta * state.v + hb * hb
-    r = beta * r_old - hc * state.s
-    s = (floor / hyper.num_betas * m + r.clamp(min=0)) / (v.sqrt() + eps)
+    r = beta * r_old - hc * wide(state.s)
+    s = ((floor / hyper.num_betas * m + r.clamp(min=0)) / (v.sqrt() + eps)).to(dtype)
 
-    ok = torch.isfinite(torch.cat([t.reshape(-1) for t in (sums, h, m, v, r, s)])).all()
+    ok = torch.isfinite(torch.cat([t.reshape(-1).to(WIDE) for t in (sums, h, m, v, r, s)])).all()
     keep = lambda new, old: torch.where(ok, new, old)  # noqa: E731
     new = TunerState(keep(r, state.r), keep(m, state.m), keep(v, state.v), keep(s, state.s),
                      state.step + ok.to(torch.int64), state.skipped + (~ok).to(torch.int64), state.lr_ref)
-    return new, h, ok
+    return new, h.to(dtype), ok

@@ -1,6 +1,5 @@
 """What one tensor's sums and rebase compute, as plain tensor code: ``torch.compile`` fuses each body into
-one pass over a flat tensor (fused.py); the eager kernels run the delta rebase's body as it is for a
-Delta wider than x (eager.py). Written in the notation of docs/algorithm.md, "One step"."""
+one pass over a flat tensor (fused.py). Written in the notation of docs/algorithm.md, "One step"."""
 
 from __future__ import annotations
 
@@ -58,26 +57,31 @@ def sums_g_rows(g: Tensor, d: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def rebase_one(x: Tensor, r: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor, ok: Tensor) -> None:
-    """state="ref+delta": Delta += u (u := 0 if not ok), x = x_ref + S_new * Delta."""
+    """state="ref+delta": Delta += u (u := 0 where it is not finite, everywhere if not ok),
+    x = x_ref + S_new * Delta. Everything in Delta's dtype (float32 for 16-bit parameters): the move
+    x - x_ref is not rounded to the parameter's dtype first."""
     keep = 1 - S_old * ok
-    y = torch.where(ok, x - r, 0.0).to(d.dtype)
+    y = torch.where(ok, x.to(d.dtype) - r.to(d.dtype), 0.0)
     d_new = y + d * keep
-    x_new = (r + S_new * d_new).to(x.dtype)
+    d_new = torch.where(torch.isfinite(d_new), d_new, d)
+    x_new = (r.to(d.dtype) + S_new * d_new).to(x.dtype)
     d.copy_(d_new)
     x.copy_(x_new)
 
 
 def recompute_one(x: Tensor, r: Tensor, dd: Tensor, S_old: Tensor, S_new: Tensor, ok: Tensor,
                   eps: Tensor | float) -> None:
-    """state="ref": x = x_ref + S_new * (D_t + u), D_t = dd / (S_old + eps), dd = x_t - x_ref."""
+    """state="ref": x = x_ref + S_new * (D_t + u), D_t = dd / (S_old + eps), dd = x_t - x_ref
+    (u := 0 where it is not finite, everywhere if not ok)."""
     inv = torch.reciprocal(S_old + eps)
-    u = torch.where(ok, x - r - dd, 0.0)
+    u = torch.nan_to_num(torch.where(ok, x - r - dd, 0.0), 0.0, 0.0, 0.0)
     x.copy_(r + S_new * (u + dd * inv))
 
 
 def rebase_delta_one(x: Tensor, p: Tensor, d: Tensor, S_old: Tensor, S_new: Tensor, ok: Tensor) -> None:
-    """state="delta", p = x_t: Delta += u, x = x_t + S_old * u + (S_new - S_old) * Delta_{t+1}."""
-    u = torch.where(ok, x.to(d.dtype) - p.to(d.dtype), 0.0)
+    """state="delta", p = x_t: Delta += u (u := 0 where it is not finite, everywhere if not ok),
+    x = x_t + S_old * u + (S_new - S_old) * Delta_{t+1}, in Delta's dtype."""
+    u = torch.nan_to_num(torch.where(ok, x.to(d.dtype) - p.to(d.dtype), 0.0), 0.0, 0.0, 0.0)
     d_new = d + u
     x_new = (p.to(d.dtype) + (S_old * u + (S_new - S_old) * d_new)).to(x.dtype)
     d.copy_(d_new)

@@ -1,122 +1,243 @@
-"""The eager kernels: torch's foreach and out= ops over the lists of local shards (the default; no
-transient parameter-sized buffer beyond the copy of x_t that state="delta" takes before the base step)."""
+"""The eager kernels: torch's foreach and out= ops over the lists of local shards (the default).
+
+The sums are one ``torch.dot`` per tensor and sum (16/32-bit gradients: after one ``foreach_norm`` that
+picks their power-of-two scale, issue 28); the rebase is one foreach op per elementwise step over the
+tensors of a dtype, plus one ``nan_to_num`` per tensor (torch has no foreach form of it). No transient
+parameter-sized buffer outlives one tensor's work: the sums of 16/32-bit gradients take a scaled copy of
+one gradient at a time (16-bit ones widened), the rebase of 16-bit parameters one float32 tensor at a
+time, state="delta" the copy of x_t it took before the base step.
+
+Float64 tensors keep the arithmetic of manic 0.3 bit for bit (tests/golden): per-tensor dot products
+summed in order, and the stored form's ``Delta + u`` as ``(x - x_ref) + (1 - S_old) * Delta``.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..compat import foreach_sub_
-from .bodies import rebase_delta_one
+from ..compat import foreach_add_, foreach_addcmul_, foreach_mul_, foreach_norm_out, foreach_sub_
+
+F64 = torch.float64
 
 
+# ------------------------------------------------------------------------------------------------ the sums
 def partial_sums_eager(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: list[Tensor],
                        xds: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """[<g, D>, <x, D>, ||g||^2, ||x||^2] over the lists, in ``dtype`` (a negated g counts as -g). Each
-    is a dot product accumulated in the wider of the inputs' dtypes and ``dtype`` (the tuner's); the
-    squares too (one read, like a norm, but on CPU about twice as fast as torch's norm kernel)."""
-    flat: dict[int, Tensor] = {}  # each contiguous tensor's flat view, made once
+    """[<g, D>, <x, D>, ||g||^2, ||x||^2] over the lists, in ``dtype`` (a negated g counts as -g).
 
-    def f(t: Tensor) -> Tensor:
-        v = flat.get(id(t))
-        if v is None:
-            v = t.reshape(-1)
-            wide = torch.promote_types(v.dtype, dtype)
-            if v.dtype != wide:  # a widened copy per use, freed after it: one tensor's transient at a time
-                return v.to(wide)
-            if t.is_contiguous():
-                flat[id(t)] = v
-        return v
+    Float64 pairs: per-tensor dot products in float64, as manic 0.3. 16/32-bit pairs (``_narrow_sums``):
+    accumulated in float64 from float32 partial sums of the gradients scaled by a power of two, so that
+    neither huge (1e19 and above) nor tiny (down to the smallest normal float32) gradients overflow or
+    underflow in the squares (issue 28)."""
+    wide_g = [i for i, (g, d) in enumerate(zip(gs, gds)) if g.dtype == F64 and d.dtype == F64]
+    wide_x = [i for i, (x, d) in enumerate(zip(xs, xds)) if x.dtype == F64 and d.dtype == F64]
+    rest_g = sorted(set(range(len(gs))) - set(wide_g))
+    rest_x = sorted(set(range(len(xs))) - set(wide_x))
+    parts = []
+    if wide_g or wide_x:
+        parts.append(_wide_sums([gs[i] for i in wide_g], [gds[i] for i in wide_g], [negate[i] for i in wide_g],
+                                [xs[i] for i in wide_x], [xds[i] for i in wide_x], dtype, device))
+    if rest_g or rest_x:
+        parts.append(_narrow_sums([gs[i] for i in rest_g], [gds[i] for i in rest_g], [negate[i] for i in rest_g],
+                                  [xs[i] for i in rest_x], [xds[i] for i in rest_x], device).to(dtype))
+    if not parts:
+        return torch.zeros(4, dtype=dtype, device=device)
+    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
-    def dot(a: Tensor, b: Tensor) -> Tensor:
-        a, b = f(a), f(b)
-        if a.dtype != b.dtype:
-            wide = torch.promote_types(a.dtype, b.dtype)
-            a, b = a.to(wide), b.to(wide)
-        return torch.dot(a, b)
 
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1)
+
+
+def _wide_sums(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: list[Tensor], xds: list[Tensor],
+               dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The float64 sums: each a dot product per tensor, summed in order (manic 0.3's arithmetic)."""
     def total(parts: list[Tensor]) -> Tensor:
         if not parts:
             return torch.zeros((), dtype=dtype, device=device)
-        return torch.stack([t if t.dtype == dtype else t.to(dtype) for t in parts]).sum()
+        return torch.stack(parts).sum().to(dtype)
 
-    g_dot_d = [-dot(g, d) if neg else dot(g, d) for g, d, neg in zip(gs, gds, negate)]
-    x_dot_d = [dot(x, d) for x, d in zip(xs, xds)]
-    return torch.stack([total(g_dot_d), total(x_dot_d), total([dot(g, g) for g in gs]),
-                        total([dot(x, x) for x in xs])])
-
-
-class _Zeros(dict):
-    """Per dtype, the 0-dim zero a skipped step's move is replaced by (made once per call, not per tensor)."""
-
-    def __init__(self, ok: Tensor):
-        super().__init__()
-        self.ok = ok
-
-    def __missing__(self, dtype: torch.dtype) -> Tensor:
-        z = self[dtype] = self.ok.new_zeros((), dtype=dtype)
-        return z
+    g_dot_d = [-torch.dot(_flat(g), _flat(d)) if neg else torch.dot(_flat(g), _flat(d))
+               for g, d, neg in zip(gs, gds, negate)]
+    x_dot_d = [torch.dot(_flat(x), _flat(d)) for x, d in zip(xs, xds)]
+    return torch.stack([total(g_dot_d), total(x_dot_d), total([torch.dot(_flat(g), _flat(g)) for g in gs]),
+                        total([torch.dot(_flat(x), _flat(x)) for x in xs])])
 
 
-def _split(xs: list[Tensor], refs: list[Tensor], others: list[Tensor]) -> tuple[list, list]:
-    """(parameters whose reference has their dtype, those with a wider reference)."""
-    triples = list(zip(xs, refs, others))
-    return [t for t in triples if t[1].dtype == t[0].dtype], [t for t in triples if t[1].dtype != t[0].dtype]
+def gradient_scale(norms: Tensor) -> Tensor:
+    """A power of two c (0-dim float32, on the device) for which c * g neither overflows nor underflows
+    when squared in float32, from the gradients' float32 norms per tensor (``norms``, 1-D): 2**-e with
+    e = ceil(log2(n)), n the largest norm, within [2**-100, 2**100] (|c * g| <= 1, and the largest
+    entries' squares are at least 1/(4 numel)). Where a norm overflows, c = 2**-100 (every float32 times
+    it squares to below 2**57); where they all underflow, c = 2**100 (every entry was below 2**-75); a
+    non-finite gradient makes c, and so the sums, NaN (a skipped step)."""
+    e = torch.ceil(torch.log2(norms.max()))
+    return torch.exp2(torch.clamp(e, -100, 100).neg_())
+
+
+def _narrow_sums(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: list[Tensor], xds: list[Tensor],
+                 device: torch.device) -> Tensor:
+    """The sums of 16/32-bit tensors in float64, from float32 dot products per tensor. The gradients are
+    scaled by ``gradient_scale`` (a power of two: exact, divided out in float64), one tensor's scaled copy
+    at a time; 16-bit tensors are widened to float32 one at a time too."""
+    f32 = torch.float32
+    flat_d: dict[int, Tensor] = {}
+
+    def fd(d: Tensor) -> Tensor:  # a direction's flat float32 view (a widened copy for 16-bit), made once
+        v = flat_d.get(id(d))
+        if v is None:
+            v = d.reshape(-1)
+            v = flat_d[id(d)] = v if v.dtype == f32 else v.float()
+        return v
+
+    parts: list[Tensor] = []  # float32 partial sums: <g,D> per tensor | ||g||^2 per tensor | <x,D> | ||x||^2
+    c = None
+    if gs:
+        norms = torch.empty(len(gs), dtype=f32, device=device)
+        foreach_norm_out(gs, list(norms.unbind()))
+        c = gradient_scale(norms)
+        gd, gg = [], []
+        for g, d, neg in zip(gs, gds, negate):
+            g = g.reshape(-1)
+            g = torch.mul(g, c) if g.dtype == f32 else g.to(f32).mul_(c)
+            dot = torch.dot(g, fd(d))
+            gd.append(-dot if neg else dot)
+            gg.append(torch.dot(g, g))
+        parts += [torch.stack(gd).to(F64).sum(), torch.stack(gg).to(F64).sum()]
+    else:
+        parts += [torch.zeros((), dtype=F64, device=device)] * 2
+    xd, xx = [], []
+    for x, d in zip(xs, xds):
+        w = x.reshape(-1)
+        w = w if w.dtype == f32 else w.float()
+        xd.append(torch.dot(w, fd(d)))
+        xx.append(torch.dot(w, w))
+    zero = torch.zeros((), dtype=F64, device=device)
+    out = torch.stack([parts[0], torch.stack(xd).to(F64).sum() if xd else zero, parts[1],
+                       torch.stack(xx).to(F64).sum() if xx else zero])
+    if c is not None:
+        c64 = c.to(F64)
+        out = out / torch.stack([c64, torch.ones_like(c64), c64 * c64, torch.ones_like(c64)])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the rebases
+# Every rebase drops a non-finite base update u elementwise (issue 28): where u is not finite, Delta keeps
+# its value and x goes to the point its state mode's invariant gives for u = 0. ``ok`` (the step's sums
+# were finite) is folded in by making u NaN everywhere when it is false, so one elementwise guard, a
+# nan_to_num, serves both: no host sync, no collective.
+def _nan_unless(ok: Tensor, value: Tensor | float) -> Tensor:
+    """``value`` where ok, NaN otherwise (0-dim, on the device)."""
+    return torch.where(ok, value, float("nan"))
+
+
+def _each(factor: Tensor, ts: list[Tensor]) -> list[Tensor]:
+    """A 0-dim factor once per tensor of ``ts``, in their dtype (what the single-tensor op would compute
+    with: a 0-dim operand does not promote a tensor's dtype; torch's foreach out= ops want it given so)."""
+    return [factor.to(ts[0].dtype)] * len(ts)
+
+
+def _zero_nonfinite_(ts: list[Tensor]) -> None:
+    for t in ts:
+        torch.nan_to_num(t, 0.0, 0.0, 0.0, out=t)
+
+
+def _by_kind(xs: list[Tensor], refs: list[Tensor], ds: list[Tensor]) -> tuple[list, list, list]:
+    """(float64 triples whose parameter has Delta's dtype, other such triples, triples whose Delta is wider
+    than the parameter: 16-bit parameters, whose move is taken in Delta's float32)."""
+    f64, same, wide = [], [], []
+    for t in zip(xs, refs, ds):
+        x, _, d = t
+        (wide if x.dtype != d.dtype else f64 if x.dtype == F64 else same).append(t)
+    return f64, same, wide
 
 
 def rebase_eager(xs: list[Tensor], refs: list[Tensor], ds: list[Tensor], S_old: Tensor, S_new: Tensor,
                  ok: Tensor) -> None:
-    """store_delta=True. On entry xs hold x_after (the base step's result), ds hold Delta_t.
-    Delta <- Delta + u with u = x_after - x_ref - S_old * Delta (u := 0 if not ok);
-    x <- x_ref + S_new * Delta."""
-    keep, zero = 1 - S_old * ok, _Zeros(ok)
-    same, wide = _split(xs, refs, ds)
+    """state="ref+delta". On entry xs hold x_after (the base step's result), ds hold Delta_t.
+    u = x_after - x_ref - S_old * Delta (u := 0 where it is not finite, everywhere if not ok);
+    Delta <- Delta + u; x <- x_ref + S_new * Delta."""
+    f64, same, wide = _by_kind(xs, refs, ds)
+    if f64:
+        _rebase_f64([t[0] for t in f64], [t[1] for t in f64], [t[2] for t in f64], S_old, S_new, ok)
     if same:
-        foreach_sub_([x for x, _, _ in same], [r for _, r, _ in same])  # y = x_after - x_ref
-    for x, r, d in same:
-        torch.where(ok, x, zero[x.dtype], out=x)  # a non-finite step moves nothing
-        torch.addcmul(x, d, keep, out=d)  # Delta + u = y + (1 - S_old) * Delta, in Delta's dtype
-        torch.addcmul(r, d, S_new, out=x)
-    for x, r, d in wide:  # a float32 reference for 16-bit parameters: y in float32, one tensor at a time
-        y = torch.sub(x, r)
-        torch.where(ok, y, zero[y.dtype], out=y)
-        torch.addcmul(y, d, keep, out=d)
+        for dt in {t[0].dtype for t in same}:  # (one dtype per group: foreach ops take one)
+            xs_s, rs_s, ds_s = ([t[i] for t in same if t[0].dtype == dt] for i in range(3))
+            foreach_sub_(xs_s, rs_s)  # x - x_ref
+            foreach_addcmul_(xs_s, ds_s, _each(_nan_unless(ok, -S_old), xs_s))  # u
+            _zero_nonfinite_(xs_s)
+            foreach_add_(ds_s, xs_s)  # Delta + u
+            for x, r, d in zip(xs_s, rs_s, ds_s):  # (torch's foreach out= form of this is slower on CPU)
+                torch.addcmul(r, d, S_new, out=x)  # x = x_ref + S_new * Delta
+    if wide:
+        neg = _nan_unless(ok, -S_old)
+        for x, r, d in wide:  # 16-bit parameters: the move in float32, one tensor at a time
+            u = x.to(d.dtype)
+            u.sub_(r).addcmul_(d, neg)
+            torch.nan_to_num(u, 0.0, 0.0, 0.0, out=u)
+            d.add_(u)
+            x.copy_(torch.addcmul(r, d, S_new, out=u))
+
+
+def _rebase_f64(xs: list[Tensor], rs: list[Tensor], ds: list[Tensor], S_old: Tensor, S_new: Tensor,
+                ok: Tensor) -> None:
+    """The stored form in float64, bit for bit as manic 0.3 computed it where u is finite:
+    Delta <- (x - x_ref) + (1 - S_old) * Delta; where u is not finite, Delta is kept exactly through the
+    factor K = 1 (and x - x_ref := 0) instead of 1 - S_old."""
+    keep = 1 - S_old
+    foreach_addcmul_(xs, rs, _each(_nan_unless(ok, -1.0), xs))  # y = x - x_ref (exactly), NaN if not ok
+    for x, r, d in zip(xs, rs, ds):
+        k = torch.addcmul(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))  # keep, NaN where y is not
+        torch.nan_to_num(k, 1.0, 1.0, 1.0, out=k)
+        torch.nan_to_num(x, 0.0, 0.0, 0.0, out=x)
+        torch.addcmul(x, d, k, out=d)
         torch.addcmul(r, d, S_new, out=x)
 
 
 def rebase_recompute_eager(xs: list[Tensor], refs: list[Tensor], diffs: list[Tensor], S_old: Tensor,
                            S_new: Tensor, ok: Tensor, eps: Tensor | float) -> None:
-    """store_delta=False. diffs hold x_t - x_ref (taken before the base step).
-    x <- x_ref + S_new * (D_t + u) with D_t = diffs / (S_old + eps), u = x_after - x_t."""
-    inv, zero = torch.reciprocal(S_old + eps), _Zeros(ok)
-    same, wide = _split(xs, refs, diffs)
-    if same:
-        xs_same = [x for x, _, _ in same]
-        foreach_sub_(xs_same, [r for _, r, _ in same])
-        foreach_sub_(xs_same, [dd for _, _, dd in same])  # u
-    for x, r, dd in same:
-        torch.where(ok, x, zero[x.dtype], out=x)
-        torch.addcmul(x, dd, inv, out=x)  # D_t + u
-        torch.addcmul(r, x, S_new, out=x)
-    for x, r, dd in wide:
-        u = torch.sub(x, r).sub_(dd)
-        torch.where(ok, u, zero[u.dtype], out=u)
+    """state="ref". diffs hold x_t - x_ref (taken before the base step).
+    x <- x_ref + S_new * (D_t + u) with D_t = diffs / (S_old + eps), u = x_after - x_t (u := 0 where it is
+    not finite, everywhere if not ok)."""
+    inv, m1 = torch.reciprocal(S_old + eps), _nan_unless(ok, -1.0)
+    same = [t for t in zip(xs, refs, diffs) if t[1].dtype == t[0].dtype]
+    wide = [t for t in zip(xs, refs, diffs) if t[1].dtype != t[0].dtype]
+    for dt in {t[0].dtype for t in same}:
+        xs_s, rs_s, dd_s = ([t[i] for t in same if t[0].dtype == dt] for i in range(3))
+        foreach_sub_(xs_s, rs_s)
+        foreach_addcmul_(xs_s, dd_s, _each(m1, xs_s))  # u
+        _zero_nonfinite_(xs_s)
+        foreach_addcmul_(xs_s, dd_s, _each(inv, xs_s))  # D_t + u
+        for x, r in zip(xs_s, rs_s):
+            torch.addcmul(r, x, S_new, out=x)
+    for x, r, dd in wide:  # a float32 reference for 16-bit parameters: u in float32, one tensor at a time
+        u = torch.sub(x, r).addcmul_(dd, m1)
+        torch.nan_to_num(u, 0.0, 0.0, 0.0, out=u)
         torch.addcmul(u, dd, inv, out=u)
         torch.addcmul(r, u, S_new, out=x)
 
 
 def rebase_delta_eager(xs: list[Tensor], prevs: list[Tensor], ds: list[Tensor], S_old: Tensor, S_new: Tensor,
                        ok: Tensor) -> None:
-    """state="delta". On entry xs hold x_after, prevs x_t (the step's transient copy, used as scratch),
-    ds Delta_t. u = x_after - x_t (u := 0 if not ok); Delta <- Delta + u;
+    """state="delta". On entry xs hold x_after, prevs x_t (the step's transient copy), ds Delta_t.
+    u = x_after - x_t (u := 0 where it is not finite, everywhere if not ok); Delta <- Delta + u;
     x <- x_t + (S_new - S_old) * Delta_t + S_new * u = x_t + ((S_new - S_old) * Delta_{t+1} + S_old * u)."""
-    dS, zero = S_new - S_old, _Zeros(ok)
-    same, wide = _split(xs, ds, prevs)  # (Delta is wider than 16-bit parameters)
-    if same:
-        foreach_sub_([x for x, _, _ in same], [p for _, _, p in same])  # u
-    for x, d, p in same:
-        torch.where(ok, x, zero[x.dtype], out=x)
-        d.add_(x)
-        x.mul_(S_old).addcmul_(d, dS).add_(p)  # the increment, added to x_t in one rounding
-    for x, d, p in wide:
-        rebase_delta_one(x, p, d, S_old, S_new, ok)
+    dS, m1 = S_new - S_old, _nan_unless(ok, -1.0)
+    same = [t for t in zip(xs, prevs, ds) if t[2].dtype == t[0].dtype]
+    wide = [t for t in zip(xs, prevs, ds) if t[2].dtype != t[0].dtype]  # (Delta is float32 for 16-bit ones)
+    for dt in {t[0].dtype for t in same}:
+        xs_s, ps_s, ds_s = ([t[i] for t in same if t[0].dtype == dt] for i in range(3))
+        foreach_addcmul_(xs_s, ps_s, _each(m1, xs_s))  # u = x_after - x_t, NaN if not ok
+        _zero_nonfinite_(xs_s)
+        foreach_add_(ds_s, xs_s)
+        foreach_mul_(xs_s, S_old.to(dt))
+        foreach_addcmul_(xs_s, ds_s, _each(dS, xs_s))
+        foreach_add_(xs_s, ps_s)  # the increment, added to x_t in one rounding
+    for x, p, d in wide:  # in Delta's float32, one tensor at a time
+        u = x.to(d.dtype)
+        u.addcmul_(p, m1)
+        torch.nan_to_num(u, 0.0, 0.0, 0.0, out=u)
+        d.add_(u)
+        u.mul_(S_old).addcmul_(d, dS).add_(p)
+        x.copy_(u)
