@@ -48,10 +48,10 @@ def test_gradients_at_the_ends_of_the_float32_range(dtype, magnitude, state):
 
 @pytest.mark.parametrize("magnitude", [1e20, 1.1754944e-38])
 def test_the_sums_at_the_ends_of_the_float32_range(magnitude):
-    """The four sums of float32 tensors (small ones and a large one) against float64, at
+    """The four sums of float32 tensors (small ones, and a large one in pieces) against float64, at
     gradients of 1e20 and of the smallest normal float32: <g, D> to 1e-6, ||g||^2 to 1e-6, relative."""
     gen = torch.Generator().manual_seed(0)
-    shapes = [(7, 5), (300,), ((1 << 17) + 3,), (2,)]
+    shapes = [(7, 5), (300,), (kernels.eager.CHUNK + 3,), (2,)]  # (the large one in two pieces)
     xs = [torch.randn(s, generator=gen) for s in shapes]
     ds = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
     gs = [(torch.randn(s, generator=gen, dtype=F64) * magnitude).to(F32) for s in shapes]

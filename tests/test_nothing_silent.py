@@ -312,6 +312,24 @@ def test_per_group_refuses_a_new_group_after_the_start_at_the_call():
     opt.step()
 
 
+@pytest.mark.parametrize("read", ["scale", "effective_lr", "stats", "state_dict"])
+def test_per_group_reads_one_scale_per_group_added_before_the_start(read):
+    """A group added before the first step gets its tuner at once: whatever is read first (the scale, the
+    effective lrs, the statistics or a state dict), the scale has one entry per group, and reading it
+    changes nothing a later read would see (the stateful suite found state_dict() resizing it)."""
+    a, b = vec(0.0), vec(1.0)
+    opt = manic.mechanize(torch.optim.SGD([a], lr=0.1), per_group=True)
+    opt.add_param_group({"params": [b], "lr": 0.2})
+    first = {"scale": lambda: opt.scale, "effective_lr": lambda: opt.effective_lr, "stats": opt.stats,
+             "state_dict": opt.state_dict}[read]()
+    assert opt.scale.shape == (2,) and len(opt.effective_lr) == 2 and opt.stats()["scale"].shape == (2,)
+    if read == "scale":
+        assert torch.equal(first, opt.scale)
+    a.grad, b.grad = torch.ones(3, dtype=F64), torch.ones(3, dtype=F64)
+    opt.step()
+    assert opt.scale.shape == (2,)
+
+
 # ----------------------------------------------------------------------------- 9. pickle
 @pytest.mark.parametrize("how", ["pickle", "torch.save"])
 def test_a_mechanized_optimizer_pickles_after_the_first_step(how):

@@ -165,6 +165,7 @@ class Engine:
     # ------------------------------------------------------------------ what users read
     @property
     def scale(self) -> Tensor:
+        self._fit_groups()
         return self.tuner.scale
 
     def stats(self) -> dict[str, Tensor]:
@@ -173,13 +174,17 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------ storage
-    def publish(self) -> None:
-        """Make the base optimizer carry Mechanic's tensors (storage.publish)."""
+    def _fit_groups(self) -> None:
+        """With per_group=True, before the start: one tuner per param group as the optimizer has them now (a
+        group added before the first step), so the scale read and the state saved fit its groups."""
         groups = len(self.optimizer.param_groups)
         if self.hyper.per_group and not self.started and self.tuner.s.shape[0] != groups:
-            # a group added before the start: one tuner per group, so the saved state fits a fresh optimizer
             self.tuner = TunerState.fresh(self.hyper, self.tuner.s.dtype, self.tuner.s.device, groups)
             self._last = nan_stats(self.tuner)
+
+    def publish(self) -> None:
+        """Make the base optimizer carry Mechanic's tensors (storage.publish)."""
+        self._fit_groups()
         self._published = storage.publish(self.optimizer, self.tuner, self.hyper, self.layout, self.buffers,
                                           self._published)
 

@@ -3,8 +3,8 @@
 The sums are one ``torch.dot`` per tensor and sum (16/32-bit gradients: after one ``foreach_norm`` that
 picks their power-of-two scale, issue 28); the rebase is one foreach op per elementwise step over the
 tensors of a dtype, plus one ``nan_to_num`` per tensor (torch has no foreach form of it). No transient
-parameter-sized buffer outlives one tensor's work: the sums of 16/32-bit gradients take a scaled copy of
-one gradient at a time (16-bit ones widened), the rebase of 16-bit parameters one float32 tensor at a
+parameter-sized buffer outlives one tensor's work: the sums of 16/32-bit gradients scale them into a
+scratch kept between steps (16-bit ones widened), the rebase of 16-bit parameters one float32 tensor at a
 time, state="delta" the copy of x_t it took before the base step.
 
 Float64 tensors keep the arithmetic of manic 0.3 bit for bit (tests/golden): per-tensor dot products
@@ -12,6 +12,8 @@ summed in order, and the stored form's ``Delta + u`` as ``(x - x_ref) + (1 - S_o
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import Tensor
@@ -76,11 +78,29 @@ def gradient_scale(norms: Tensor) -> Tensor:
     return torch.exp2(torch.clamp(e, -100, 100).neg_())
 
 
+# The scaled gradient goes through a float32 scratch of at most CHUNK elements, kept between steps: a step
+# allocates nothing parameter-sized for it (the tensors are taken in pieces of at most CHUNK elements).
+CHUNK = 1 << 20
+_workspace = threading.local()
+
+
+def _scratch(n: int, device: torch.device) -> Tensor:
+    """A float32 buffer of n <= CHUNK elements: on the CPU one per thread, kept between steps (a fresh
+    allocation of megabytes costs more there than the work it holds); elsewhere a plain allocation (CUDA's
+    caching allocator keeps it, and knows its stream)."""
+    if device.type != "cpu":
+        return torch.empty(n, dtype=torch.float32, device=device)
+    buf = getattr(_workspace, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _workspace.buf = torch.empty(n, dtype=torch.float32)
+    return buf[:n]
+
+
 def _narrow_sums(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: list[Tensor], xds: list[Tensor],
                  device: torch.device) -> Tensor:
-    """The sums of 16/32-bit tensors in float64, from float32 dot products per tensor. The gradients are
-    scaled by ``gradient_scale`` (a power of two: exact, divided out in float64), one tensor's scaled copy
-    at a time; 16-bit tensors are widened to float32 one at a time too."""
+    """The sums of 16/32-bit tensors in float64, from float32 dot products per tensor (per piece of at most
+    CHUNK elements). The gradients are scaled by ``gradient_scale`` (a power of two: exact, divided out in
+    float64) into the scratch; 16-bit directions and parameters are widened to float32 one at a time."""
     f32 = torch.float32
     flat_d: dict[int, Tensor] = {}
 
@@ -91,31 +111,37 @@ def _narrow_sums(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: li
             v = flat_d[id(d)] = v if v.dtype == f32 else v.float()
         return v
 
-    parts: list[Tensor] = []  # float32 partial sums: <g,D> per tensor | ||g||^2 per tensor | <x,D> | ||x||^2
+    zero = torch.zeros((), dtype=F64, device=device)
+    gd: list[Tensor] = []  # float32 partial sums, per tensor or piece
+    gg: list[Tensor] = []
     c = None
     if gs:
         norms = torch.empty(len(gs), dtype=f32, device=device)
         foreach_norm_out(gs, list(norms.unbind()))
         c = gradient_scale(norms)
-        gd, gg = [], []
         for g, d, neg in zip(gs, gds, negate):
-            g = g.reshape(-1)
-            g = torch.mul(g, c) if g.dtype == f32 else g.to(f32).mul_(c)
-            dot = torch.dot(g, fd(d))
-            gd.append(-dot if neg else dot)
-            gg.append(torch.dot(g, g))
-        parts += [torch.stack(gd).to(F64).sum(), torch.stack(gg).to(F64).sum()]
-    else:
-        parts += [torch.zeros((), dtype=F64, device=device)] * 2
+            g, d = g.reshape(-1), fd(d)
+            for a in range(0, max(g.numel(), 1), CHUNK):
+                piece = g[a:a + CHUNK]
+                buf = _scratch(piece.numel(), device)
+                if piece.dtype == f32:
+                    torch.mul(piece, c, out=buf)
+                else:
+                    buf.copy_(piece).mul_(c)
+                dot = torch.dot(buf, d[a:a + CHUNK])
+                gd.append(-dot if neg else dot)
+                gg.append(torch.dot(buf, buf))
     xd, xx = [], []
     for x, d in zip(xs, xds):
         w = x.reshape(-1)
         w = w if w.dtype == f32 else w.float()
         xd.append(torch.dot(w, fd(d)))
         xx.append(torch.dot(w, w))
-    zero = torch.zeros((), dtype=F64, device=device)
-    out = torch.stack([parts[0], torch.stack(xd).to(F64).sum() if xd else zero, parts[1],
-                       torch.stack(xx).to(F64).sum() if xx else zero])
+
+    def total(parts: list[Tensor]) -> Tensor:
+        return torch.stack(parts).to(F64).sum() if parts else zero
+
+    out = torch.stack([total(gd), total(xd), total(gg), total(xx)])
     if c is not None:
         c64 = c.to(F64)
         out = out / torch.stack([c64, torch.ones_like(c64), c64 * c64, torch.ones_like(c64)])
