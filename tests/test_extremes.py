@@ -49,7 +49,8 @@ def test_gradients_at_the_ends_of_the_float32_range(dtype, magnitude, state):
 @pytest.mark.parametrize("magnitude", [1e20, 1.1754944e-38])
 def test_the_sums_at_the_ends_of_the_float32_range(magnitude):
     """The four sums of float32 tensors (small ones, and a large one in pieces) against float64, at
-    gradients of 1e20 and of the smallest normal float32: <g, D> to 1e-6, ||g||^2 to 1e-6, relative."""
+    gradients of 1e20 and of the smallest normal float32: each to 1e-5 relative (float32 dot products of up to
+    CHUNK elements; an overflow or underflow would be off by orders of magnitude)."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(7, 5), (300,), (kernels.eager.CHUNK + 3,), (2,)]  # (the large one in two pieces)
     xs = [torch.randn(s, generator=gen) for s in shapes]
@@ -64,7 +65,7 @@ def test_the_sums_at_the_ends_of_the_float32_range(magnitude):
         assert got.dtype == F64 and torch.isfinite(got).all(), fn.__name__
         scale = torch.stack([sum((g.double() * d.double()).abs().sum() for g, d in zip(gs, ds)),
                              sum((x.double() * d.double()).abs().sum() for x, d in zip(xs, ds)), want[2], want[3]])
-        assert ((got - want).abs() <= 1e-6 * scale).all(), (fn.__name__, got, want)
+        assert ((got - want).abs() <= 1e-5 * scale).all(), (fn.__name__, got, want)
 
 
 def test_the_gradient_scale_is_a_power_of_two_within_the_bounds():

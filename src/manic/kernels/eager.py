@@ -80,7 +80,7 @@ def gradient_scale(norms: Tensor) -> Tensor:
 
 # The scaled gradient goes through a float32 scratch of at most CHUNK elements, kept between steps: a step
 # allocates nothing parameter-sized for it (the tensors are taken in pieces of at most CHUNK elements).
-CHUNK = 1 << 20
+CHUNK = 1 << 18
 _workspace = threading.local()
 
 
