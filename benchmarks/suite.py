@@ -79,6 +79,7 @@ MANIC_BASE_LR = 1e-2
 MANIC: dict[str, dict[str, Any] | Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "manic": {},
     "manic_lr1e-3": {"base_lr": 1e-3},
+    "manic_distance": {"distance_floor": True},  # the library form of cand_distance (docs/algorithm.md)
 }
 # the non-greedy candidates of benchmarks/candidates.py (a research prototype): run only when named
 CANDIDATES = {f"cand_{name}": functools.partial(candidates.Candidate, kind=kind, **knobs)

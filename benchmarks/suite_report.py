@@ -326,8 +326,9 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.set_ylabel(f"val loss / best AdamW's (cap {cap:g})")
             if i == 1:
                 ax.set_xlabel("run length (steps)")
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)), frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(handles) - 1) // 4), 1, 1))
+    if handles:  # (none without AdamW's rows to take ratios to, e.g. --methods without adamw)
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)), frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * (max(len(handles) - 1, 0) // 4), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

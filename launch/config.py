@@ -14,7 +14,7 @@ from manic.options import field_doc, for_run_length
 MECHANIC_FLAGS = {"weight_decay": "mechanic_weight_decay", "eps": "mechanic_eps", "s_init": "s_init",
                   "num_betas": "num_betas", "store_delta": "store_delta", "variant": "variant", "per_group": "per_group",
                   "state": "state", "skip_nonfinite": "skip_nonfinite", "compile": "compile",
-                  "fp32_reference": "fp32_reference"}
+                  "fp32_reference": "fp32_reference", "distance_floor": "distance_floor"}
 
 
 @dataclass
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add(parser: argparse._ActionsContainer, name: str, kind: object, default: object, text: str) -> None:
     assert default is not MISSING
     flag = "--" + name.replace("_", "-")
-    if kind in (bool, "bool"):
+    if kind in (bool, "bool", "bool | None"):  # (None: unset, the option's own default)
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
     else:
         # an optional field ("float | None", default None: per variant) takes the type of its values

@@ -177,7 +177,7 @@ def test_checkpoint_round_trip_is_bitwise(tmp_path):
     model, opt, _ = _run(6, state="delta")
     sd = _checkpoint(model, opt)
     group = sd["opt"]["param_groups"][0]
-    assert group["mechanic_state"] == "delta" and group["mechanic_version"] == FORMAT_VERSION == 4
+    assert group["mechanic_state"] == "delta" and group["mechanic_version"] == FORMAT_VERSION == 5
     assert all(set(k for k in st if k.startswith("mechanic_")) == {DELTA} for st in sd["opt"]["state"].values())
     torch.save(sd, tmp_path / "sd.pt")
     model2, _, scales = _run(6, torch.load(tmp_path / "sd.pt", weights_only=True), start=6, state="delta")

@@ -14,7 +14,7 @@ import torch
 
 import manic
 from manic import tuner
-from manic.options import DEFAULTS, HYPER_NAMES, NAMES, Hyper, Options
+from manic.options import DEFAULTS, DISTANCE_FLOOR, HYPER_NAMES, NAMES, Hyper, Options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,10 +66,12 @@ def test_documented_per_variant_defaults_are_manics():
 def test_none_resolves_per_variant():
     assert set(DEFAULTS) == {"invariant", "original"}
     assert DEFAULTS["original"] == {"s_init": 1e-6, "weight_decay": 1e-2}  # optax's (the invariant's may change)
+    assert DISTANCE_FLOOR == {"invariant": False, "original": False}  # the original form has none
     assert Options().variant == "invariant" and Options().s_init is None and Options().weight_decay is None
     for variant, values in DEFAULTS.items():
         h = Options(variant=variant).hyper
         assert (h.variant, h.s_init, h.weight_decay) == (variant, values["s_init"], values["weight_decay"])
+        assert h.distance_floor is DISTANCE_FLOOR[variant]
         # an explicit value is kept, in either variant
         h = Options(variant=variant, s_init=3e-4, weight_decay=0.0).hyper
         assert (h.s_init, h.weight_decay) == (3e-4, 0.0)
@@ -110,7 +112,7 @@ def test_options_are_frozen_and_validated_once():
     with pytest.raises(TypeError, match="unexpected keyword.*lr"):
         Options.from_kwargs("mechanize", {"lr": 1.0})
     assert NAMES[:5] == ("weight_decay", "eps", "s_init", "num_betas", "store_delta")
-    assert HYPER_NAMES == NAMES[:7] == (*NAMES[:5], "variant", "per_group")
+    assert HYPER_NAMES == NAMES[:8] == (*NAMES[:5], "variant", "per_group", "distance_floor")
 
 
 def test_the_launcher_builds_its_mechanic_options_from_options():

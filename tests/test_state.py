@@ -28,7 +28,7 @@ def test_strip_mechanic_splits_a_full_state_dict():
     assert not any(k.startswith("mechanic_") for g in base["param_groups"] for k in g)
     assert all(not any(k.startswith("mechanic_") for k in st) for st in base["state"].values())
     assert sorted(mine["state"]) == [0, 1] and set(mine["state"][0]) == {REF, DELTA}
-    assert mine["tuner"]["mechanic_version"] == FORMAT_VERSION == 4
+    assert mine["tuner"]["mechanic_version"] == FORMAT_VERSION == 5
     # version 2 added the invariant form's unit and the variant; the unit is its base lr
     assert mine["tuner"]["mechanic_variant"] == "invariant"
     assert torch.equal(mine["tuner"]["mechanic_lr_ref"], torch.tensor(1e-2, dtype=F64))
@@ -109,7 +109,7 @@ def test_version2_state_dict_resumes_bitwise_as_one_tuner(form, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(scales, full_scales[6:]))
     assert all(torch.equal(a, b) for a, b in zip(params, full_params))
     tuner = after["param_groups"][0] if form == "dropin" else after["mechanic"]["tuner"]
-    assert tuner["mechanic_version"] == 4 and tuner["mechanic_per_group"] is False
+    assert tuner["mechanic_version"] == FORMAT_VERSION and tuner["mechanic_per_group"] is False
 
 
 @pytest.mark.parametrize("form", ["dropin", "seed"])
@@ -123,9 +123,9 @@ def test_version1_state_dict_resumes_the_original_form_bitwise(form, tmp_path):
     params, after, scales = _run(form, "original", 6, sd=old, seed=7, start=6)
     assert all(torch.equal(a, b) for a, b in zip(scales, full_scales[6:]))
     assert all(torch.equal(a, b) for a, b in zip(params, full_params))
-    # saved again, it is a version-4 state dict of the original form, lr_ref 1
+    # saved again, it is a current state dict of the original form, lr_ref 1
     tuner = after["param_groups"][0] if form == "dropin" else after["mechanic"]["tuner"]
-    assert tuner["mechanic_version"] == 4 and tuner["mechanic_variant"] == "original"
+    assert tuner["mechanic_version"] == FORMAT_VERSION and tuner["mechanic_variant"] == "original"
     assert tuner["mechanic_lr_ref"].item() == 1.0 and tuner["mechanic_lr_ref"].dtype == F64
 
 

@@ -9,6 +9,7 @@ per mode. ``MODES`` maps each ``state=`` name to its mode.
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from .kernels import Kernels
 
 REF, DELTA = "mechanic_ref", "mechanic_delta"
+ACC = "mechanic_dist_acc"  # distance_floor=True: the weighted sum of gradients A (distance.py), Delta's dtype
 Buffers = dict[str, Tensor]  # a parameter's buffers, keyed as in optimizer.state[p]
 
 
@@ -52,6 +54,8 @@ class StateMode:
                 out[REF] = p.detach().to(ref_dtype(p.dtype, fp32_reference), copy=True)
             if DELTA in self.keys:
                 out[DELTA] = torch.zeros_like(p, dtype=delta_dtype(p.dtype))
+            if ACC in self.keys:
+                out[ACC] = torch.zeros_like(p, dtype=delta_dtype(p.dtype))
         return out
 
     def placed(self, p: Tensor, key: str, value: Tensor, fp32_reference: bool) -> Tensor:
@@ -75,6 +79,16 @@ class StateMode:
     def unit(self, S: Tensor, lr_ref: Tensor, eps: float) -> Tensor:
         """What the tuner divides h by to take it in the units of its scales (docs/algorithm.md)."""
         return lr_ref  # D = Delta / lr_ref
+
+    def displaced(self, dot: Tensor, S: Tensor, lr_ref: Tensor) -> Tensor:
+        """<a, x - x_ref> from the sum <a, D> over this mode's direction, S = sum(s) before the step."""
+        return S * dot / lr_ref  # x - x_ref = (S / lr_ref) * Delta
+
+    def accumulating(self) -> StateMode:
+        """This mode with the distance floor's buffer A as well (``ACC``)."""
+        mode = copy.copy(self)
+        mode.keys = (*self.keys, ACC)
+        return mode
 
     def __repr__(self) -> str:
         return f"<state mode {self.name!r}>"
@@ -108,6 +122,9 @@ class Ref(StateMode):
     def unit(self, S: Tensor, lr_ref: Tensor, eps: float) -> Tensor:
         return S + eps  # D = (x - x_ref) / (S + eps): no lr_ref, x - x_ref = S * D already
 
+    def displaced(self, dot: Tensor, S: Tensor, lr_ref: Tensor) -> Tensor:
+        return dot  # D = x - x_ref itself
+
 
 class Delta(StateMode):
     """Delta only (1x; x_ref = x - S * Delta implied) and a transient copy of x_t per step:
@@ -125,3 +142,5 @@ class Delta(StateMode):
 
 
 MODES: dict[str, StateMode] = {m.name: m for m in (RefDelta(), Ref(), Delta())}
+# the same modes with distance_floor=True (``Resolved.mode``)
+ACCUMULATING: dict[str, StateMode] = {name: m.accumulating() for name, m in MODES.items()}

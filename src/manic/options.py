@@ -20,6 +20,9 @@ from .tuner import VARIANTS, Resolved
 # What s_init=None and weight_decay=None mean in each variant: the original's are optax's, the
 # invariant form's come from the study in docs/tuning.md.
 DEFAULTS = {"invariant": {"s_init": 1e-3, "weight_decay": 4.0}, "original": {"s_init": 1e-6, "weight_decay": 1e-2}}
+# What distance_floor=None means in each variant (docs/algorithm.md, "The distance floor"; only the invariant
+# form can turn it on). Kept apart from DEFAULTS, whose entries the tests pass on to the NumPy reference.
+DISTANCE_FLOOR = {"invariant": False, "original": False}
 # The measured rule of docs/tuning.md ("How the defaults were chosen"): training from scratch for at
 # most this many steps, the invariant form starts better at s_init=1e-2 than at its default.
 SHORT_RUN_STEPS, SHORT_RUN_S_INIT = 300, 1e-2
@@ -47,6 +50,9 @@ class Options:
     variant: str = field(default="invariant", metadata=_doc(
         "'invariant': the scale in units of the base lr; 'original': the authors' update", hyper=True))
     per_group: bool = field(default=False, metadata=_doc("one tuner (and scale) per param group", hyper=True))
+    distance_floor: bool | None = field(default=None, metadata=_doc(
+        "keep the scale above a Prodigy-style distance estimate (invariant form only; None: the variant's "
+        "default, off)", hyper=True))
     # how it runs
     state: str | None = field(default=None, metadata=_doc(
         "what is kept per parameter: 'ref+delta' (x_ref and Delta), 'ref' (x_ref; Delta recomputed) or 'delta' "
@@ -85,6 +91,12 @@ class Options:
                 raise TypeError(f"Invalid {name}: {getattr(self, name)!r}; pass True or False")
         if self.variant not in VARIANTS:
             raise bad("variant", self.variant, f"pass one of {', '.join(map(repr, VARIANTS))}")
+        if self.distance_floor is not None and not isinstance(self.distance_floor, bool):
+            raise TypeError(f"Invalid distance_floor: {self.distance_floor!r}; pass True, False or None")
+        if self.distance_floor and self.variant != "invariant":
+            raise ValueError(f"Invalid distance_floor=True with variant={self.variant!r}: the distance floor is an "
+                             "effective learning rate, which only the invariant form's scale is; pass "
+                             "variant='invariant' or drop distance_floor")
         if self.state is not None and self.state not in STATES:
             raise bad("state", self.state, f"pass one of {', '.join(map(repr, STATES))}")
         if self.state not in (None, "ref") and not self.store_delta:
@@ -102,12 +114,14 @@ class Options:
     def hyper(self) -> Resolved:
         """These options as the tuner uses them: the variant's defaults applied, the state mode resolved."""
         default = DEFAULTS[self.variant]
+        floor = DISTANCE_FLOOR[self.variant] if self.distance_floor is None else self.distance_floor
         return Resolved(variant=self.variant,
                         weight_decay=default["weight_decay"] if self.weight_decay is None else self.weight_decay,
                         eps=self.eps, s_init=default["s_init"] if self.s_init is None else self.s_init,
                         num_betas=self.num_betas,
                         # store_delta lives on only here, as the older spelling of state
-                        state=self.state or ("ref+delta" if self.store_delta else "ref"), per_group=self.per_group)
+                        state=self.state or ("ref+delta" if self.store_delta else "ref"), per_group=self.per_group,
+                        distance_floor=floor)
 
     @classmethod
     def from_kwargs(cls, where: str, kwargs: dict[str, Any]) -> Options:

@@ -15,7 +15,9 @@ the one-group step exactly: a part's x_t, g and D do not change before its own b
 the sums the one-group step takes before any base step, added in another order (float32 round-off).
 The engine sees the whole model throughout: while it binds, checks the ranks, starts and commits, the
 base optimizer is shown every part (as DeepSpeed itself does around its checkpoints), so the layout,
-its positions and the checkpoint are those of DeepSpeed's ``state_dict``.
+its positions and the checkpoint are those of DeepSpeed's ``state_dict``. With ``distance_floor=True``
+each part's new accumulator A and its L1 norm are taken with its sums (the weights once, at the first
+part), and A is written at the last part with the rest.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 
-from . import kernels, step, storage, tuner
+from . import distance, kernels, step, storage, tuner
 from .deepspeed_zero import Zero
 from .layout import Layout
 
@@ -42,8 +44,10 @@ class Pending:
     groups: list[dict[str, Any]]  # the full param groups
     positions: list[tuple[int, ...]]  # per part, the positions of its slots in plan.layout.slots
     next: int = 0  # the part expected next
-    sums: Tensor | None = None  # the parts' local sums so far, (tuners, 4)
+    sums: Tensor | None = None  # the parts' local sums so far, (tuners, 4), or 5 with the distance floor
     transient: dict[int, Tensor] = field(default_factory=dict)  # per slot position, the mode's transient
+    w: Tensor | None = None  # distance_floor=True: the tuners' weights (distance.weights, at part 0)
+    acc: dict[int, Tensor | None] = field(default_factory=dict)  # per slot position, the new A
 
     @property
     def sums_taken(self) -> bool:
@@ -100,6 +104,8 @@ def prepare(z: Zero, engine: Engine) -> PartPlan:
         where = {id(s.ref()): i for i, s in enumerate(layout.slots)}
         positions = [tuple(where[id(t)] for t in (part,) if id(t) in where) for part in parts]
         p = z.pending = Pending(plan, groups, positions)
+        if engine.hyper.distance_floor and p.sums_taken:
+            p.w = distance.weights(groups, layout, plan.tuner)
     elif p is None or p.next != k:
         raise _broken(z, p, k)
     mine = p.positions[k]
@@ -109,8 +115,12 @@ def prepare(z: Zero, engine: Engine) -> PartPlan:
         mode = engine.hyper.mode
         xs, bufs = step.views(sub, p.plan.buffers)
         ds, transient = mode.direction(xs, bufs)
-        sums = step.local_sums(sub, xs, ds, kernels.for_step(engine._kernels))
+        part = distance.partial(p.w, sub, bufs) if p.w is not None else None
+        sums = distance.packed(step.local_sums(sub, xs, ds, kernels.for_step(engine._kernels)), part,
+                               (len(sub.tuners),))
         p.sums = sums if p.sums is None else p.sums + sums
+        if part is not None:
+            p.acc.update(zip(mine, part.cands))
         transient = mode.snapshot(xs, transient)
         if transient is not None:
             p.transient.update(zip(mine, transient))
@@ -123,10 +133,13 @@ def _finish(z: Zero, engine: Engine, p: Pending) -> None:
     if p.sums_taken:
         state = plan.tuner
         assert p.sums is not None
-        sums = layout.reducer.all_reduce_sum(p.sums.reshape(*state.lr_ref.shape, 4))
-        new, h, ok = tuner.update(state, sums, engine.hyper, engine._betas(layout))
+        sums = layout.reducer.all_reduce_sum(p.sums.reshape(*state.lr_ref.shape, -1))
+        new, h, ok = tuner.update(state, sums[..., :4], engine.hyper, engine._betas(layout))
+        if p.w is not None:
+            new, ok = distance.apply(state, new, ok, sums, p.w, engine.hyper.mode)
         transient = [p.transient[i] for i in range(len(layout.slots))] if p.transient else None
-        plan = replace(plan, update=step.Update(new, state.scale, ok, transient, False, step.stats(sums, h)))
+        acc = [p.acc.get(i) for i in range(len(layout.slots))] if p.w is not None else None
+        plan = replace(plan, update=step.Update(new, state.scale, ok, transient, False, step.stats(sums, h), acc))
     with z.showing_all(engine, p.groups):
         engine._commit(plan)
     if plan.update is not None:  # rebased: the model's copies of the parts DeepSpeed copied already

@@ -1,7 +1,8 @@
 """The checkpoint format: the layout of Mechanic's state in a state dict, its versions and its checks.
 
 Per parameter, by the state mode: ``mechanic_ref`` and ``mechanic_delta`` ("ref+delta"),
-``mechanic_ref`` ("ref") or ``mechanic_delta`` ("delta") in ``state[index]``; the tuner's tensors,
+``mechanic_ref`` ("ref") or ``mechanic_delta`` ("delta") in ``state[index]``, and ``mechanic_dist_acc`` with
+distance_floor=True; the tuner's tensors,
 the hyperparameters and the format version as ``mechanic_*`` entries of the first param group.
 (Putting it there and taking it back out is storage.py.)
 """
@@ -13,13 +14,15 @@ from typing import Any
 
 from torch import Tensor
 
-from .modes import DELTA, REF
+from .modes import ACC, DELTA, REF
 from .tuner import Resolved
 from .tuner import TunerState
 
-# 2 added lr_ref and variant (a version-1 state dict is the original form); 3 added per_group; 4 added state
-FORMAT_VERSION = 4
-PARAM_KEYS = (REF, DELTA)
+# 2 added lr_ref and variant (a version-1 state dict is the original form); 3 added per_group; 4 added state;
+# 5 added distance_floor (with its tuner entries dist_num, dist_floor and the buffer mechanic_dist_acc)
+FORMAT_VERSION = 5
+PARAM_KEYS = (REF, DELTA, ACC)
+DIST_KEYS = ("dist_num", "dist_floor")  # tuner entries present with distance_floor=True only
 TUNER_KEYS = TunerState.keys()
 # the resolved record's fields, the variant first: it sets what the defaults of the others mean, so a
 # mismatch names it. store_delta, the older spelling of the state mode, is written after state too.
@@ -28,7 +31,8 @@ HYPER_KEYS = tuple(f.name for f in fields(Resolved))
 # a value, or a function of the saved tuner entries)}
 ADDED: dict[str, tuple[int, Any]] = {
     "variant": (2, "original"), "per_group": (3, False),
-    "state": (4, lambda t: "ref+delta" if t.get("mechanic_store_delta", True) else "ref")}
+    "state": (4, lambda t: "ref+delta" if t.get("mechanic_store_delta", True) else "ref"),
+    "distance_floor": (5, False)}
 
 
 def group_entries(tuner: TunerState, hyper: Resolved) -> dict[str, Any]:
@@ -64,10 +68,10 @@ def check_state_dict(sd: dict[str, Any], hyper: Resolved, entries: list[tuple[in
                              f"{k}={_spelled(k, mine)}; build it with {k}={saved!r} to resume this run")
     n, lead = hyper.num_betas, (groups,) if hyper.per_group else ()
     for k in TUNER_KEYS:
-        if k == "lr_ref" and version == 1:
-            continue  # absent: 1, the original form's unit (TunerState.of)
+        if k == "lr_ref" and version == 1 or k in DIST_KEYS and not hyper.distance_floor:
+            continue  # absent: 1, the original form's unit (TunerState.of); no distance floor
         v = t.get(f"mechanic_{k}")
-        want = (*lead, n) if k in ("r", "m", "v", "s") else lead if k == "lr_ref" else ()
+        want = (*lead, n) if k in ("r", "m", "v", "s") else lead if k in ("lr_ref", *DIST_KEYS) else ()
         if not isinstance(v, Tensor) or tuple(v.shape) != want:
             raise ValueError(f"Checkpoint entry mechanic_{k} should be a tensor of shape {want}, got {v!r:.80}")
     state = sd.get("state", {})

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import tuner
+from . import distance, tuner
 from .compat import local
 from .kernels import Kernels
 from .layout import Layout, Slot
@@ -36,6 +36,7 @@ class Update:
     transient: list[Tensor] | None  # per slot, what the state mode keeps from before the base step
     skip_base: bool  # skip_nonfinite and the sums were not finite
     last: dict[str, Tensor]  # statistics for stats()
+    acc: list[Tensor | None] | None = None  # distance_floor=True: per slot the new A (distance.commit)
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,17 @@ def prepare(groups: list[dict[str, Any]], layout: Layout, buffers: dict[int, Buf
     mode, buffers, state = hyper.mode, plan.buffers, plan.tuner
     xs, bufs = views(layout, buffers)
     ds, transient = mode.direction(xs, bufs)
-    sums = layout.reducer.all_reduce_sum(local_sums(layout, xs, ds, fns).reshape(*state.lr_ref.shape, 4))
-    new, h, ok = tuner.update(state, sums, hyper, beta)
+    w = distance.weights(groups, layout, state) if hyper.distance_floor else None
+    part = distance.partial(w, layout, bufs) if w is not None else None
+    sums = layout.reducer.all_reduce_sum(distance.packed(local_sums(layout, xs, ds, fns), part, state.lr_ref.shape))
+    new, h, ok = tuner.update(state, sums[..., :4], hyper, beta)
+    if w is not None:
+        new, ok = distance.apply(state, new, ok, sums, w, mode)
     skip_base = options.skip_nonfinite and not bool(ok)  # the one host sync, by request
     if not skip_base:
         transient = mode.snapshot(xs, transient)
-    return Plan(layout, buffers, True, state, Update(new, state.scale, ok, transient, skip_base, stats(sums, h)))
+    return Plan(layout, buffers, True, state, Update(new, state.scale, ok, transient, skip_base, stats(sums, h),
+                                                     part.cands if part is not None else None))
 
 
 def begin(groups: list[dict[str, Any]], layout: Layout, buffers: dict[int, Buffers], state: TunerState,
@@ -143,6 +149,8 @@ def rebase(plan: Plan, mode: StateMode, eps: float, fns: Kernels) -> None:
     assert u is not None
     S_new, eps_t = u.tuner.scale, eps / u.tuner.lr_ref
     xs, bufs = views(plan.layout, plan.buffers)
+    if u.acc is not None:
+        distance.commit(u.acc, bufs, u.ok)
     for g, ks in enumerate(plan.layout.tuners):
         if ks:
             saved = [u.transient[k] for k in ks] if u.transient is not None else None

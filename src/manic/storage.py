@@ -4,7 +4,7 @@ own ``load_state_dict`` and in a pickle of the engine.
 
 The engine owns its tensors and *publishes* them into the base optimizer, so that ordinary checkpoint
 tools see them: the state mode's per-parameter buffers under ``optimizer.state[p]["mechanic_ref" |
-"mechanic_delta"]``, the tuner's tensors and the hyperparameters under ``optimizer.param_groups[0]
+"mechanic_delta" | "mechanic_dist_acc"]``, the tuner's tensors and the hyperparameters under ``optimizer.param_groups[0]
 ["mechanic_*"]``. Loading places every tensor on its parameter's device, in the dtype its mode keeps it in.
 """
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from .modes import MODES, StateMode
+from .modes import ACCUMULATING, MODES, StateMode
 
 # Layout of the packed tensor of global sums that one step reduces across ranks, with D the direction
 # the state mode accumulates (modes.py: Delta, or x - x_ref in the recompute form, state="ref"):
@@ -42,6 +42,7 @@ class Resolved:
     num_betas: int
     state: str  # the state mode's name (modes.MODES)
     per_group: bool
+    distance_floor: bool  # distance.py
 
     @property
     def store_delta(self) -> bool:
@@ -50,7 +51,7 @@ class Resolved:
 
     @property
     def mode(self) -> StateMode:
-        return MODES[self.state]
+        return (ACCUMULATING if self.distance_floor else MODES)[self.state]
 
 
 @dataclass
@@ -72,6 +73,9 @@ class TunerState:
     step: Tensor  # () int64
     skipped: Tensor  # () int64
     lr_ref: Tensor  # ()
+    # distance_floor=True: the floor's numerator N and the floor (distance.py), float64, shaped like lr_ref
+    dist_num: Tensor | None = None
+    dist_floor: Tensor | None = None
 
     @property
     def scale(self) -> Tensor:
@@ -85,8 +89,10 @@ class TunerState:
         shape = (*lead, hyper.num_betas)
         zeros = lambda: torch.zeros(shape, dtype=WIDE, device=device)  # noqa: E731
         count = lambda: torch.zeros((), dtype=torch.int64, device=device)  # noqa: E731
+        wide = lambda: (torch.zeros(lead, dtype=torch.float64, device=device)  # noqa: E731
+                        if hyper.distance_floor else None)
         return TunerState(zeros(), zeros(), zeros(), torch.full(shape, hyper.s_init, dtype=dtype, device=device),
-                          count(), count(), torch.ones(lead, dtype=dtype, device=device))
+                          count(), count(), torch.ones(lead, dtype=dtype, device=device), wide(), wide())
 
     @staticmethod
     def keys() -> tuple[str, ...]:
@@ -94,7 +100,7 @@ class TunerState:
         return tuple(f.name for f in fields(TunerState))
 
     def tensors(self) -> dict[str, Tensor]:
-        return {k: getattr(self, k) for k in self.keys()}
+        return {k: getattr(self, k) for k in self.keys() if getattr(self, k) is not None}
 
     @staticmethod
     def of(tensors: dict[str, Tensor], dtype: torch.dtype, device: torch.device) -> "TunerState":
@@ -104,7 +110,9 @@ class TunerState:
             want = torch.int64 if k in ("step", "skipped") else WIDE if k in RUNNING else dtype
             return tensors[k].detach().to(device=device, dtype=want, copy=True)
         lr_ref = own("lr_ref") if "lr_ref" in tensors else torch.ones((), dtype=dtype, device=device)
-        return TunerState(own("r"), own("m"), own("v"), own("s"), own("step"), own("skipped"), lr_ref)
+        wide = {k: tensors[k].detach().to(device=device, dtype=torch.float64, copy=True)
+                for k in ("dist_num", "dist_floor") if k in tensors}
+        return TunerState(own("r"), own("m"), own("v"), own("s"), own("step"), own("skipped"), lr_ref, **wide)
 
     def to(self, dtype: torch.dtype, device: torch.device) -> "TunerState":
         """This state if it already is in ``dtype`` on ``device``, else a moved copy."""
