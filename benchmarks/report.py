@@ -220,7 +220,7 @@ SUITE_PEERS = {"prodigy": "Prodigy", "schedulefree": "schedule-free AdamW", "mec
 
 
 def suite_numbers(path: Path) -> str:
-    """Numbers README quotes about a half of the generalisation suite, from its report (suite_dev.md, written by
+    """Numbers the docs quote about a half of the generalisation suite, from its report (suite_<half>.md, written by
     benchmarks/suite_report.py): per method, the mean and the worst ratio over the half's tasks at each run length,
     and the peers whose mean is below manic's default."""
     text = path.read_text()
@@ -246,15 +246,15 @@ def suite_numbers(path: Path) -> str:
     if seeds:
         out.append(f"| `{half}/seeds` | {len(seeds.group(1).split(', ')) - 1} | seeds per cell |")
     means = {}
-    for method in ["manic", *SUITE_PEERS, *sorted(m for m in rows if m.startswith("cand_"))]:
+    for method in ["manic", "manic_distance", *SUITE_PEERS, *sorted(m for m in rows if m.startswith("cand_"))]:
         if method not in rows:
             continue
         worst = [c.split(" / ")[0] if c else "" for c in rows[method]]
         mean = [c.split(" / ")[1].split(" (")[0] if " / " in c else "" for c in rows[method]]
         if not method.startswith("cand_"):
             means[method] = mean
-        label = SUITE_PEERS.get(method, "manic (default)" if method == "manic" else
-                                f"candidate {method[len('cand_'):]} (benchmarks/candidates.py)")
+        label = SUITE_PEERS.get(method, {"manic": "manic (default)", "manic_distance": "manic, distance_floor=True"}.get(
+            method, f"candidate {method[len('cand_'):]} (benchmarks/candidates.py)"))
         out.append(f"| `{half}/{method}/mean` | {' / '.join(mean)} | {label}: mean ratio to best-tuned AdamW over the "
                    f"tasks at {at} steps |")
         out.append(f"| `{half}/{method}/worst` | {' / '.join(worst)} | {label}: worst ratio over the tasks (which task) "
@@ -292,8 +292,9 @@ def main(check: bool = False) -> list[str]:
         jobs["memory_numbers.md"] = (memory_numbers, RESULTS / "memory.md")
     if (RESULTS / "train_overhead.md").exists():
         jobs["train_overhead_numbers.md"] = (train_overhead_numbers, RESULTS / "train_overhead.md")
-    if (RESULTS / "suite_dev.md").exists():
-        jobs["suite_dev_numbers.md"] = (suite_numbers, RESULTS / "suite_dev.md")
+    for half in ("dev", "test"):
+        if (RESULTS / f"suite_{half}.md").exists():
+            jobs[f"suite_{half}_numbers.md"] = (suite_numbers, RESULTS / f"suite_{half}.md")
     for csv_path in sorted(RESULTS.glob("launcher_*.csv")):
         if not csv_path.stem.endswith(("_adamw", "_quick")):
             jobs[f"{csv_path.stem}_summary.md"] = (launcher, csv_path)
