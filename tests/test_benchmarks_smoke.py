@@ -50,7 +50,7 @@ def test_step_overhead_quick(tmp_path):
 @pytest.mark.timeout(300)
 def test_collectives_quick(tmp_path):
     out = _run(["benchmarks/collectives.py", "--quick"], tmp_path)
-    assert "| fsdp2 | 2 | 1 | 16 |" in out and "| ddp | 2 | 0 | 0 |" in out
+    assert "| fsdp2 | 2 | 1 | 32 |" in out and "| ddp | 2 | 0 | 0 |" in out  # four float64 sums
 
 
 @pytest.mark.timeout(300)
