@@ -339,7 +339,7 @@ def test_compile_true_follows_the_eager_step(monkeypatch):
     monkeypatch.setattr(kernels, "SMALL", 0)
     runs = [run(15, compile=c)[1:3] for c in (False, True)]
     (eager, s_eager), (comp, s_comp) = runs
-    assert comp._engine._kernels is kernels.compiled()
+    assert comp._engine.kernels is kernels.compiled()
     torch.testing.assert_close(torch.stack(s_comp), torch.stack(s_eager), rtol=1e-12, atol=0)
     for k in ("mechanic_dist_num", "mechanic_dist_floor"):
         torch.testing.assert_close(comp.param_groups[0][k], eager.param_groups[0][k], rtol=1e-12, atol=0)

@@ -193,7 +193,7 @@ def test_the_ordinary_steps_trajectory(kind, options):
     every step and the model are those of the same optimizer stepped with every group at once (float64,
     1e-12: the same sums, added in another order), with no host sync."""
     ref, got = run("plain", **options), run(kind, **options)
-    assert repr(got["opt"]._engine._parts).startswith(f"<{2 if kind == 'zero12' else 4} parts")
+    assert repr(got["opt"]._engine.parts).startswith(f"<{2 if kind == 'zero12' else 4} parts")
     assert rel(got["scales"], ref["scales"]) <= 1e-12, (got["scales"], ref["scales"])
     for p, q in zip(got["params"], ref["params"]):
         assert rel(p, q) <= 1e-12
@@ -247,7 +247,7 @@ def test_one_part_takes_the_ordinary_step():
     X, y = data()
     torch.nn.functional.mse_loss(net(X), y).backward()
     zero.step()
-    assert opt._engine._parts is NOT_UNDER_ZERO and int(opt.stats()["step"]) == 1
+    assert opt._engine.parts is NOT_UNDER_ZERO and int(opt.stats()["step"]) == 1
 
 
 def test_skip_nonfinite_is_refused_before_anything_moves():
@@ -306,4 +306,4 @@ def test_not_under_deepspeed_is_looked_up_once():
     X, y = data()
     torch.nn.functional.mse_loss(net(X), y).backward()
     opt.step()
-    assert opt._engine._parts is NOT_UNDER_ZERO
+    assert opt._engine.parts is NOT_UNDER_ZERO

@@ -32,9 +32,9 @@ def _engine(params, **options):
 
 
 def _prepare(engine) -> step.Plan:
-    layout, buffers = engine._bound()
+    layout, buffers = engine.bound()
     return step.prepare(engine.optimizer.param_groups, layout, buffers, engine.tuner, engine.started, engine.options,
-                        engine.hyper, kernels.EAGER, engine._betas(layout))
+                        engine.hyper, kernels.EAGER, engine.betas(layout))
 
 
 @pytest.mark.parametrize("state", ["ref+delta", "ref", "delta"])

@@ -46,9 +46,9 @@ _DEPTH = 20  # frames between DeepSpeed's _optimizer_step and here (~8 through a
 def of(engine: Engine) -> Zero | None:
     """The DeepSpeed ZeRO optimizer stepping ``engine``'s optimizer part by part, or None (looked up at
     the engine's first step, and again after a load; refuses what it cannot step exactly)."""
-    zero = getattr(engine, "_parts", None)
+    zero = getattr(engine, "parts", None)
     if zero is None:
-        zero = engine._parts = _detect(engine) or NOT_UNDER_ZERO
+        zero = engine.parts = _detect(engine) or NOT_UNDER_ZERO
     return None if zero == NOT_UNDER_ZERO else zero
 
 

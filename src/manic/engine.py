@@ -35,28 +35,33 @@ def engine_of(obj: Any) -> Engine | None:
 
 
 class Engine:
-    """The Mechanic tuner attached to one base optimizer."""
+    """The Mechanic tuner attached to one base optimizer.
+
+    Its seams for the modules that run parts of it are public names: storage.py's load hooks use
+    ``own_load``, ``pending`` and ``check_state_dict``; partitions.py's step over DeepSpeed's parts uses
+    ``bound``, ``checked``, ``kernels``, ``betas`` and ``commit``; deepspeed_zero.py keeps its lookup in
+    ``parts``. No other module touches an underscored name."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, options: Options):
         _check_optimizer(optimizer)
         self.optimizer = optimizer
         self.options = options
         self.hyper = options.hyper
-        self._kernels = kernels.compiled() if options.compile else kernels.EAGER
+        self.kernels = kernels.compiled() if options.compile else kernels.EAGER
         self.layout: Layout | None = None
         self.buffers: dict[int, Buffers] = {}
         self.started = False
-        self._checked = False  # the cross-rank configuration check ran
+        self.checked = False  # the cross-rank configuration check ran
         self._beta: Tensor | None = None
         dtype, device = _provisional(optimizer)
         self.tuner = TunerState.fresh(self.hyper, dtype, device, len(optimizer.param_groups))
         self._plan: step.Plan | partitions.PartPlan | None = None
-        self._parts: deepspeed_zero.Zero | str | None = None  # DeepSpeed ZeRO's parts (deepspeed_zero.of), once looked
+        self.parts: deepspeed_zero.Zero | str | None = None  # DeepSpeed ZeRO's parts (deepspeed_zero.of), once looked
         self._last = nan_stats(self.tuner)
         self._published: storage.Published = ()
         # loads through the base optimizer's own load_state_dict (storage.attach's hooks):
-        self._own_load = False  # the engine is loading the base optimizer itself
-        self._pending: tuple | None = None  # a load between the two hooks
+        self.own_load = False  # the engine is loading the base optimizer itself
+        self.pending: tuple | None = None  # a load between the two hooks
         storage.attach(optimizer, self)
         self.publish()
 
@@ -65,7 +70,7 @@ class Engine:
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # a deep copy or an unpickled one
         self.__dict__.update(state)
-        self._kernels = kernels.compiled() if self.options.compile else kernels.EAGER
+        self.kernels = kernels.compiled() if self.options.compile else kernels.EAGER
         storage.attach(self.optimizer, self)
 
     # ------------------------------------------------------------------ the layout
@@ -82,7 +87,7 @@ class Engine:
         o = self.options
         return bind(self.optimizer, o.reducer, o.process_group, o.device_mesh, self.hyper.per_group)
 
-    def _bound(self) -> tuple[Layout, dict[int, Buffers]]:
+    def bound(self) -> tuple[Layout, dict[int, Buffers]]:
         """The layout of the optimizer as it is now, and the buffers carried over to it (pure)."""
         if self.layout is not None and self.layout.matches(self.optimizer):
             return self.layout, self.buffers
@@ -99,7 +104,7 @@ class Engine:
     def sync(self) -> None:
         """Follow a change of the param groups now (outside a step) if Mechanic holds state."""
         if self.buffers and self._plan is None:
-            layout, buffers = self._bound()
+            layout, buffers = self.bound()
             self._install(layout, buffers, self.tuner)
 
     # ------------------------------------------------------------------ the step
@@ -113,15 +118,15 @@ class Engine:
         if parts is not None:  # DeepSpeed ZeRO steps the optimizer once per partition (partitions.py)
             self._plan = partitions.prepare(parts, self)
             return
-        layout, buffers = self._bound()
+        layout, buffers = self.bound()
         groups = self.optimizer.param_groups
-        if not self._checked:
+        if not self.checked:
             step.check_ranks(groups, layout, self.options, self.hyper)
-            self._checked = True
+            self.checked = True
         self._plan = step.prepare(groups, layout, buffers, self.tuner, self.started, self.options, self.hyper,
-                                  kernels.for_step(self._kernels), self._betas(layout))
+                                  kernels.for_step(self.kernels), self.betas(layout))
 
-    def _betas(self, layout: Layout) -> Tensor:
+    def betas(self, layout: Layout) -> Tensor:
         """The betas in the tuner's dtype on its device, built once per layout dtype and device
         (a host-to-device copy otherwise on every step)."""
         beta = self._beta
@@ -142,10 +147,10 @@ class Engine:
         if plan.update is None or not plan.update.skip_base:
             with storage.hidden(self.optimizer, plan.layout.params):
                 base_step()
-        self._commit(plan)
+        self.commit(plan)
 
     @torch.no_grad()
-    def _commit(self, plan: step.Plan) -> None:
+    def commit(self, plan: step.Plan) -> None:
         self.started = plan.started
         self._install(plan.layout, plan.buffers, plan.tuner)
         u = plan.update
@@ -154,7 +159,7 @@ class Engine:
         self.tuner.copy_(u.tuner)
         self._last = u.last
         if not u.skip_base:
-            step.rebase(plan, self.hyper.mode, self.hyper.eps, kernels.for_step(self._kernels))
+            step.rebase(plan, self.hyper.mode, self.hyper.eps, kernels.for_step(self.kernels))
 
     def _install(self, layout: Layout | None, buffers: dict[int, Buffers], state: TunerState) -> None:
         self.layout, self.buffers = layout, buffers
@@ -197,7 +202,7 @@ class Engine:
         """Load Mechanic's state ``sd`` (None: start afresh from the current parameters), and first, with
         ``base``, the base optimizer's (keeping the groups' "mechanic" flags); ``sd`` is checked before
         anything changes."""
-        layout = self._check_state_dict(sd) if sd is not None else None
+        layout = self.check_state_dict(sd) if sd is not None else None
         if base is not None:
             storage.load_base(self, base)
         self._load(sd, layout)
@@ -215,7 +220,7 @@ class Engine:
                 "after the first step. Add every param group before the first step, or rebuild the optimizer and "
                 "Mechanic (per_group=False takes groups at any time)")
 
-    def _check_state_dict(self, sd: dict[str, Any]) -> Layout:
+    def check_state_dict(self, sd: dict[str, Any]) -> Layout:
         """Raise ValueError if ``sd`` (the form of ``state_dict``) cannot be loaded here; return
         the layout it would be loaded into."""
         layout = self._bind()
@@ -224,7 +229,7 @@ class Engine:
 
     @torch.no_grad()
     def _load(self, sd: dict[str, Any] | None, layout: Layout | None) -> None:
-        self._plan = self._parts = None
+        self._plan = self.parts = None
         if sd is None:
             self.started = False
             fresh = TunerState.fresh(self.hyper, self.tuner.s.dtype, self.tuner.s.device,

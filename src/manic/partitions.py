@@ -96,10 +96,10 @@ def prepare(z: Zero, engine: Engine) -> PartPlan:
         if p is not None:
             raise _broken(z, p, k)
         with z.showing_all(engine, groups):
-            layout, buffers = engine._bound()
-            if not engine._checked:
+            layout, buffers = engine.bound()
+            if not engine.checked:
                 step.check_ranks(groups, layout, engine.options, engine.hyper)
-                engine._checked = True
+                engine.checked = True
             plan = step.begin(groups, layout, buffers, engine.tuner, engine.started, engine.options, engine.hyper)
         where = {id(s.ref()): i for i, s in enumerate(layout.slots)}
         positions = [tuple(where[id(t)] for t in (part,) if id(t) in where) for part in parts]
@@ -116,7 +116,7 @@ def prepare(z: Zero, engine: Engine) -> PartPlan:
         xs, bufs = step.views(sub, p.plan.buffers)
         ds, transient = mode.direction(xs, bufs)
         part = distance.partial(p.w, sub, bufs) if p.w is not None else None
-        sums = distance.packed(step.local_sums(sub, xs, ds, kernels.for_step(engine._kernels)), part,
+        sums = distance.packed(step.local_sums(sub, xs, ds, kernels.for_step(engine.kernels)), part,
                                (len(sub.tuners),))
         p.sums = sums if p.sums is None else p.sums + sums
         if part is not None:
@@ -134,14 +134,14 @@ def _finish(z: Zero, engine: Engine, p: Pending) -> None:
         state = plan.tuner
         assert p.sums is not None
         sums = layout.reducer.all_reduce_sum(p.sums.reshape(*state.lr_ref.shape, -1))
-        new, h, ok = tuner.update(state, sums[..., :4], engine.hyper, engine._betas(layout))
+        new, h, ok = tuner.update(state, sums[..., :4], engine.hyper, engine.betas(layout))
         if p.w is not None:
             new, ok = distance.apply(state, new, ok, sums, p.w, engine.hyper.mode)
         transient = [p.transient[i] for i in range(len(layout.slots))] if p.transient else None
         acc = [p.acc.get(i) for i in range(len(layout.slots))] if p.w is not None else None
         plan = replace(plan, update=step.Update(new, state.scale, ok, transient, False, step.stats(sums, h), acc))
     with z.showing_all(engine, p.groups):
-        engine._commit(plan)
+        engine.commit(plan)
     if plan.update is not None:  # rebased: the model's copies of the parts DeepSpeed copied already
         for k in range(len(p.positions) - 1):
             if p.positions[k]:

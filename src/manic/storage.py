@@ -156,11 +156,11 @@ def load_base(engine: Engine, load: Callable[[], Any]) -> None:
     engine), keeping the groups' "mechanic" flags: torch replaces every group by the saved one, which
     may come from a run without them."""
     flags = _flags(engine.optimizer)
-    engine._own_load = True
+    engine.own_load = True
     try:
         load()
     finally:
-        engine._own_load = False
+        engine.own_load = False
     _restore_flags(engine.optimizer, flags)
 
 
@@ -203,12 +203,12 @@ def _base_load_pre(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> dict
     """A load through the base optimizer: check Mechanic's part first (a mismatch raises before the base
     loads anything) and hand the base its own part."""
     engine = attached(optimizer)
-    if engine is None or engine._own_load:
+    if engine is None or engine.own_load:
         return None
     base_sd, mechanic_sd = strip_mechanic(sd)
     check_base_state(optimizer, base_sd)
-    layout = engine._check_state_dict(mechanic_sd) if mechanic_sd is not None else None
-    engine._pending = (mechanic_sd, layout, _flags(optimizer))
+    layout = engine.check_state_dict(mechanic_sd) if mechanic_sd is not None else None
+    engine.pending = (mechanic_sd, layout, _flags(optimizer))
     return base_sd
 
 
@@ -216,10 +216,10 @@ def _base_load_post(optimizer: torch.optim.Optimizer) -> None:
     """... then load Mechanic's part (none: Mechanic starts afresh from the loaded point, as
     ``Mechanized.load_state_dict`` does with a plain state dict)."""
     engine = attached(optimizer)
-    if engine is None or engine._pending is None:
+    if engine is None or engine.pending is None:
         return
-    mechanic_sd, layout, flags = engine._pending
-    engine._pending = None
+    mechanic_sd, layout, flags = engine.pending
+    engine.pending = None
     _restore_flags(optimizer, flags)
     engine._load(mechanic_sd, layout)
 
@@ -229,5 +229,5 @@ def pickled(engine: Engine) -> dict[str, Any]:
     perhaps a process group), so the copy binds again at its next step, keeping the buffers by position;
     the plan, what was published and DeepSpeed's parts go too, and the kernels are chosen again."""
     state = dict(engine.__dict__)
-    state.update(layout=None, _plan=None, _published=(), _pending=None, _kernels=None, _parts=None)
+    state.update(layout=None, _plan=None, _published=(), pending=None, kernels=None, parts=None)
     return state
