@@ -1,11 +1,12 @@
 """The eager kernels: torch's foreach and out= ops over the lists of local shards (the default).
 
-The sums are one ``torch.dot`` per tensor and sum (16/32-bit gradients: after one ``foreach_norm`` that
-picks their power-of-two scale, issue 28); the rebase is one foreach op per elementwise step over the
-tensors of a dtype, plus one ``nan_to_num`` per tensor (torch has no foreach form of it). No transient
-parameter-sized buffer outlives one tensor's work: the sums of 16/32-bit gradients scale them into a
-scratch kept between steps (16-bit ones widened), the rebase of 16-bit parameters one float32 tensor at a
-time, state="delta" the copy of x_t it took before the base step.
+A step's work is a handful of multi-tensor dispatches whatever the number of tensors (issue 29): the sums
+take the squared norms in one ``foreach_norm`` per list and the dot products one ``torch.dot`` per tensor;
+the rebase runs one foreach op per elementwise step over all tensors of a dtype, plus one
+``nan_to_num`` per tensor (torch has no foreach form of it). No transient parameter-sized buffer
+outlives one call: the sums of 16/32-bit gradients take a scaled copy of the gradients (16-bit ones
+widened), the rebase of 16-bit parameters one float32 tensor at a time, state="delta" the copy of x_t
+it took before the base step.
 
 Float64 tensors keep the arithmetic of manic 0.3 bit for bit (tests/golden): per-tensor dot products
 summed in order, and the stored form's ``Delta + u`` as ``(x - x_ref) + (1 - S_old) * Delta``.
@@ -18,7 +19,7 @@ import threading
 import torch
 from torch import Tensor
 
-from ..compat import foreach_add_, foreach_addcmul_, foreach_mul_, foreach_norm_out, foreach_sub_
+from ..compat import foreach_add_, foreach_addcmul_, foreach_copy_, foreach_mul_, foreach_norm_out, foreach_sub_
 
 F64 = torch.float64
 
@@ -67,6 +68,35 @@ def _wide_sums(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: list
                         total([torch.dot(_flat(x), _flat(x)) for x in xs])])
 
 
+def _f32(t: Tensor) -> Tensor:
+    """A flat float32 view of ``t`` (a widened copy if it is not float32)."""
+    return _flat(t) if t.dtype == torch.float32 else _flat(t).float()
+
+
+# The 16/32-bit sums pack tensors of fewer than PACK elements side by side (a float32 copy of at most CHUNK
+# elements per pack: one dot product then covers them all) and go through a larger tensor in pieces of at
+# most CHUNK elements: no transient of more than CHUNK elements per operand, and a handful of dispatches
+# for any number of small tensors.
+PACK = 1 << 17
+CHUNK = 1 << 18
+_workspace = threading.local()
+
+
+def _scratch(slot: int, n: int, device: torch.device) -> Tensor:
+    """A float32 buffer of n <= CHUNK elements for the sums. On the CPU one per slot and thread, kept between
+    steps (a fresh allocation of megabytes costs more there than the work it holds: the pages are mapped
+    anew); elsewhere a plain allocation (CUDA's caching allocator keeps it, and knows its stream)."""
+    if device.type != "cpu":
+        return torch.empty(n, dtype=torch.float32, device=device)
+    bufs = getattr(_workspace, "bufs", None)
+    if bufs is None:
+        bufs = _workspace.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < n:
+        buf = bufs[slot] = torch.empty(max(n, min(2 * n, CHUNK)), dtype=torch.float32)
+    return buf[:n]
+
+
 def gradient_scale(norms: Tensor) -> Tensor:
     """A power of two c (0-dim float32, on the device) for which c * g neither overflows nor underflows
     when squared in float32, from the gradients' float32 norms per tensor (``norms``, 1-D): 2**-e with
@@ -78,29 +108,43 @@ def gradient_scale(norms: Tensor) -> Tensor:
     return torch.exp2(torch.clamp(e, -100, 100).neg_())
 
 
-# The scaled gradient goes through a float32 scratch of at most CHUNK elements, kept between steps: a step
-# allocates nothing parameter-sized for it (the tensors are taken in pieces of at most CHUNK elements).
-CHUNK = 1 << 18
-_workspace = threading.local()
+def _groups(sizes: list[int]) -> list[list[int]]:
+    """Consecutive indices grouped so that each group has at most CHUNK elements."""
+    out: list[list[int]] = [[]]
+    used = 0
+    for i, n in enumerate(sizes):
+        if used + n > CHUNK and out[-1]:
+            out.append([])
+            used = 0
+        out[-1].append(i)
+        used += n
+    return out if out[0] else []
 
 
-def _scratch(n: int, device: torch.device) -> Tensor:
-    """A float32 buffer of n <= CHUNK elements: on the CPU one per thread, kept between steps (a fresh
-    allocation of megabytes costs more there than the work it holds); elsewhere a plain allocation (CUDA's
-    caching allocator keeps it, and knows its stream)."""
-    if device.type != "cpu":
-        return torch.empty(n, dtype=torch.float32, device=device)
-    buf = getattr(_workspace, "buf", None)
-    if buf is None or buf.numel() < n:
-        buf = _workspace.buf = torch.empty(n, dtype=torch.float32)
-    return buf[:n]
+def _in_f32(t: Tensor, slot: int, device: torch.device) -> Tensor:
+    """``t`` (flat, at most CHUNK elements) if it is float32, else its float32 copy in a scratch."""
+    return t if t.dtype == torch.float32 else _scratch(slot, t.numel(), device).copy_(t)
+
+
+def _pieces(t: Tensor) -> list[Tensor]:
+    return [t[a:a + CHUNK] for a in range(0, t.numel(), CHUNK)] or [t]
+
+
+def _split(items: tuple, sizes: list[int]) -> list[tuple]:
+    out, at = [], 0
+    for n in sizes:
+        out.append(items[at:at + n])
+        at += n
+    return out
 
 
 def _narrow_sums(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: list[Tensor], xds: list[Tensor],
                  device: torch.device) -> Tensor:
-    """The sums of 16/32-bit tensors in float64, from float32 dot products per tensor (per piece of at most
-    CHUNK elements). The gradients are scaled by ``gradient_scale`` (a power of two: exact, divided out in
-    float64) into the scratch; 16-bit directions and parameters are widened to float32 one at a time."""
+    """The sums of 16/32-bit tensors in float64: float32 partial sums (one per tensor, piece or pack), float64
+    totals. The gradients are scaled by ``gradient_scale`` (a power of two: exact, divided out in float64):
+    the small ones side by side in a scratch (one op scales them all, one dot product gives their squared
+    norm), a larger one in pieces; <g, D> and <x, D> are one dot product per tensor or piece, ||x||^2 one
+    foreach_norm. Every partial sum is written into one float32 vector (no stacking of 0-dim tensors)."""
     f32 = torch.float32
     flat_d: dict[int, Tensor] = {}
 
@@ -111,37 +155,59 @@ def _narrow_sums(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: li
             v = flat_d[id(d)] = v if v.dtype == f32 else v.float()
         return v
 
-    zero = torch.zeros((), dtype=F64, device=device)
-    gd: list[Tensor] = []  # float32 partial sums, per tensor or piece
-    gg: list[Tensor] = []
+    fg = [g.reshape(-1) for g in gs]
+    fx = [x.reshape(-1) for x in xs]
+    small = [i for i, g in enumerate(fg) if g.numel() < PACK]
+    large = [(i, p) for i, g in enumerate(fg) if g.numel() >= PACK for p in range(len(_pieces(g)))]
+    groups = _groups([fg[i].numel() for i in small])
+    n_gd, n_gg = len(small) + len(large), len(groups) + len(large)
+    # ||x||^2: one foreach_norm over the small float32 tensors; a dot product for a 16-bit one (on its widened
+    # copy) and for a large one (torch's float32 norm of a few 1e5 elements is ~1e-5 off, the dot ~1e-6)
+    normed = [k for k, x in enumerate(fx) if x.dtype == f32 and x.numel() < PACK]
+    dotted = [k for k, x in enumerate(fx) if not (x.dtype == f32 and x.numel() < PACK)]
+    # one float32 vector of partial sums: <g,D> | ||g||^2 | <x,D> | ||x||^2 (dotted) | ||x|| (normed) | ||g||
+    cut = [n_gd, n_gg, len(fx), len(dotted), len(normed), len(fg)]
+    res = torch.empty(sum(cut), dtype=f32, device=device)
+    gd, gg, xd, xx, xn, norms = _split(res.unbind(), cut)
+    ends = [sum(cut[:i + 1]) for i in range(len(cut))]
     c = None
-    if gs:
-        norms = torch.empty(len(gs), dtype=f32, device=device)
-        foreach_norm_out(gs, list(norms.unbind()))
-        c = gradient_scale(norms)
-        for g, d, neg in zip(gs, gds, negate):
-            g, d = g.reshape(-1), fd(d)
-            for a in range(0, max(g.numel(), 1), CHUNK):
-                piece = g[a:a + CHUNK]
-                buf = _scratch(piece.numel(), device)
-                if piece.dtype == f32:
-                    torch.mul(piece, c, out=buf)
-                else:
-                    buf.copy_(piece).mul_(c)
-                dot = torch.dot(buf, d[a:a + CHUNK])
-                gd.append(-dot if neg else dot)
-                gg.append(torch.dot(buf, buf))
-    xd, xx = [], []
-    for x, d in zip(xs, xds):
-        w = x.reshape(-1)
-        w = w if w.dtype == f32 else w.float()
-        xd.append(torch.dot(w, fd(d)))
-        xx.append(torch.dot(w, w))
-
-    def total(parts: list[Tensor]) -> Tensor:
-        return torch.stack(parts).to(F64).sum() if parts else zero
-
-    out = torch.stack([total(gd), total(xd), total(gg), total(xx)])
+    if fg:
+        foreach_norm_out(fg, list(norms))
+        c = gradient_scale(res[ends[4]:])
+        k = 0
+        for j, group in enumerate(groups):
+            idx = [small[m] for m in group]
+            sizes = [fg[i].numel() for i in idx]
+            buf = _scratch(0, sum(sizes), device)
+            if all(fg[i].dtype == f32 for i in idx):
+                torch.cat([fg[i] for i in idx], out=buf)
+            else:
+                foreach_copy_(list(buf.split(sizes)), [fg[i] for i in idx])
+            buf.mul_(c)
+            torch.dot(buf, buf, out=gg[j])
+            for v, i in zip(buf.split(sizes), idx):
+                torch.dot(v, fd(gds[i]), out=gd[k])
+                k += 1
+        for j, (i, p) in enumerate(large, len(groups)):
+            piece, d = _pieces(fg[i])[p], _pieces(gds[i].reshape(-1))[p]
+            g = torch.mul(piece, c, out=_scratch(0, piece.numel(), device))
+            torch.dot(g, _in_f32(d, 1, device), out=gd[len(small) + j - len(groups)])
+            torch.dot(g, g, out=gg[j])
+        for k, i in enumerate(small + [i for i, _ in large]):
+            if negate[i]:
+                gd[k].neg_()
+    at = {k: j for j, k in enumerate(dotted)}
+    for k, (x, d) in enumerate(zip(fx, xds)):
+        w = x if x.dtype == f32 else x.float()
+        torch.dot(w, fd(d), out=xd[k])
+        if k in at:
+            torch.dot(w, w, out=xx[at[k]])
+    if normed:
+        foreach_norm_out([fx[k] for k in normed], list(xn))
+    r = res.to(F64)
+    xn64 = r[ends[3]:ends[4]]
+    out = torch.stack([r[:ends[0]].sum(), r[ends[1]:ends[2]].sum(), r[ends[0]:ends[1]].sum(),
+                       r[ends[2]:ends[3]].sum() + (xn64 * xn64).sum()])
     if c is not None:
         c64 = c.to(F64)
         out = out / torch.stack([c64, torch.ones_like(c64), c64 * c64, torch.ones_like(c64)])
