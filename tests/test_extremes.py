@@ -52,7 +52,7 @@ def test_the_sums_at_the_ends_of_the_float32_range(magnitude):
     gradients of 1e20 and of the smallest normal float32: each to 1e-5 relative (float32 dot products of up to
     CHUNK elements; an overflow or underflow would be off by orders of magnitude)."""
     gen = torch.Generator().manual_seed(0)
-    shapes = [(7, 5), (300,), (kernels.eager.CHUNK + 3,), (2,)]  # (the large one in two pieces)
+    shapes = [(7, 5), (300,), (kernels.sums.CHUNK + 3,), (2,)]  # (the large one in two pieces)
     xs = [torch.randn(s, generator=gen) for s in shapes]
     ds = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
     gs = [(torch.randn(s, generator=gen, dtype=F64) * magnitude).to(F32) for s in shapes]
@@ -69,7 +69,7 @@ def test_the_sums_at_the_ends_of_the_float32_range(magnitude):
 
 
 def test_the_gradient_scale_is_a_power_of_two_within_the_bounds():
-    scale = kernels.eager.gradient_scale
+    scale = kernels.sums.gradient_scale
     assert scale(torch.tensor([3.0, 0.25])).item() == 0.25  # the largest norm, 3, is below 2**2
     assert scale(torch.tensor([float("inf"), 1.0])).item() == 2.0 ** -100
     assert scale(torch.tensor([0.0])).item() == 2.0 ** 100

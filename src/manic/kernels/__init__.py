@@ -1,6 +1,6 @@
 """The per-tensor work of a step, as kernel sets with one signature each.
 
-``EAGER`` (eager.py) uses torch's foreach and out= kernels; ``compiled()`` runs the fusable kernels
+``EAGER`` (eager.py, its sums in sums.py) uses torch's foreach and out= kernels; ``compiled()`` runs the fusable kernels
 (fused.py, over the per-tensor bodies of bodies.py) through ``torch.compile``, which fuses each into a
 single pass over one tensor, shared by all tensors (opt in with ``compile=True``: the first step pays the
 compile); tensors below ``SMALL`` elements stay eager. ``for_step`` picks the set a step runs with. A state
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..compat import dispatch_mode_active
 from . import bodies
+from . import sums  # noqa: F401  (kernels.sums: the eager sums)
 from .eager import partial_sums_eager, rebase_delta_eager, rebase_eager, rebase_recompute_eager
 from .fused import partial_sums_fusable, rebase_delta_fusable, rebase_fusable, rebase_recompute_fusable
 

@@ -1,151 +1,24 @@
 """The eager kernels: torch's foreach and out= ops over the lists of local shards (the default).
 
-The sums are one ``torch.dot`` per tensor and sum (16/32-bit gradients: after one ``foreach_norm`` that
-picks their power-of-two scale, issue 28); the rebase is one foreach op per elementwise step over the
-tensors of a dtype, plus one ``nan_to_num`` per tensor (torch has no foreach form of it). No transient
-parameter-sized buffer outlives one tensor's work: the sums of 16/32-bit gradients scale them into a
-scratch kept between steps (16-bit ones widened), the rebase of 16-bit parameters one float32 tensor at a
-time, state="delta" the copy of x_t it took before the base step.
+The sums are in sums.py. The rebase runs one foreach op per elementwise step over all tensors of a dtype,
+plus one ``nan_to_num`` per tensor (torch has no foreach form of it); the rebase of 16-bit parameters takes
+one float32 tensor at a time, state="delta" the copy of x_t it took before the base step.
 
-Float64 tensors keep the arithmetic of manic 0.3 bit for bit (tests/golden): per-tensor dot products
-summed in order, and the stored form's ``Delta + u`` as ``(x - x_ref) + (1 - S_old) * Delta``.
+Float64 tensors keep the arithmetic of manic 0.3 bit for bit (tests/golden): the stored form's
+``Delta + u`` as ``(x - x_ref) + (1 - S_old) * Delta``.
 """
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import Tensor
 
-from ..compat import foreach_add_, foreach_addcmul_, foreach_mul_, foreach_norm_out, foreach_sub_
+from ..compat import foreach_add_, foreach_addcmul_, foreach_mul_, foreach_sub_
+from .sums import partial_sums_eager
+
+__all__ = ["partial_sums_eager", "rebase_delta_eager", "rebase_eager", "rebase_recompute_eager"]
 
 F64 = torch.float64
-
-
-# ------------------------------------------------------------------------------------------------ the sums
-def partial_sums_eager(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: list[Tensor],
-                       xds: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """[<g, D>, <x, D>, ||g||^2, ||x||^2] over the lists, in ``dtype`` (a negated g counts as -g).
-
-    Float64 pairs: per-tensor dot products in float64, as manic 0.3. 16/32-bit pairs (``_narrow_sums``):
-    accumulated in float64 from float32 partial sums of the gradients scaled by a power of two, so that
-    neither huge (1e19 and above) nor tiny (down to the smallest normal float32) gradients overflow or
-    underflow in the squares (issue 28)."""
-    wide_g = [i for i, (g, d) in enumerate(zip(gs, gds)) if g.dtype == F64 and d.dtype == F64]
-    wide_x = [i for i, (x, d) in enumerate(zip(xs, xds)) if x.dtype == F64 and d.dtype == F64]
-    rest_g = sorted(set(range(len(gs))) - set(wide_g))
-    rest_x = sorted(set(range(len(xs))) - set(wide_x))
-    parts = []
-    if wide_g or wide_x:
-        parts.append(_wide_sums([gs[i] for i in wide_g], [gds[i] for i in wide_g], [negate[i] for i in wide_g],
-                                [xs[i] for i in wide_x], [xds[i] for i in wide_x], dtype, device))
-    if rest_g or rest_x:
-        parts.append(_narrow_sums([gs[i] for i in rest_g], [gds[i] for i in rest_g], [negate[i] for i in rest_g],
-                                  [xs[i] for i in rest_x], [xds[i] for i in rest_x], device).to(dtype))
-    if not parts:
-        return torch.zeros(4, dtype=dtype, device=device)
-    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
-
-
-def _flat(t: Tensor) -> Tensor:
-    return t.reshape(-1)
-
-
-def _wide_sums(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: list[Tensor], xds: list[Tensor],
-               dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The float64 sums: each a dot product per tensor, summed in order (manic 0.3's arithmetic)."""
-    def total(parts: list[Tensor]) -> Tensor:
-        if not parts:
-            return torch.zeros((), dtype=dtype, device=device)
-        return torch.stack(parts).sum().to(dtype)
-
-    g_dot_d = [-torch.dot(_flat(g), _flat(d)) if neg else torch.dot(_flat(g), _flat(d))
-               for g, d, neg in zip(gs, gds, negate)]
-    x_dot_d = [torch.dot(_flat(x), _flat(d)) for x, d in zip(xs, xds)]
-    return torch.stack([total(g_dot_d), total(x_dot_d), total([torch.dot(_flat(g), _flat(g)) for g in gs]),
-                        total([torch.dot(_flat(x), _flat(x)) for x in xs])])
-
-
-def gradient_scale(norms: Tensor) -> Tensor:
-    """A power of two c (0-dim float32, on the device) for which c * g neither overflows nor underflows
-    when squared in float32, from the gradients' float32 norms per tensor (``norms``, 1-D): 2**-e with
-    e = ceil(log2(n)), n the largest norm, within [2**-100, 2**100] (|c * g| <= 1, and the largest
-    entries' squares are at least 1/(4 numel)). Where a norm overflows, c = 2**-100 (every float32 times
-    it squares to below 2**57); where they all underflow, c = 2**100 (every entry was below 2**-75); a
-    non-finite gradient makes c, and so the sums, NaN (a skipped step)."""
-    e = torch.ceil(torch.log2(norms.max()))
-    return torch.exp2(torch.clamp(e, -100, 100).neg_())
-
-
-# The scaled gradient goes through a float32 scratch of at most CHUNK elements, kept between steps: a step
-# allocates nothing parameter-sized for it (the tensors are taken in pieces of at most CHUNK elements).
-CHUNK = 1 << 18
-_workspace = threading.local()
-
-
-def _scratch(n: int, device: torch.device) -> Tensor:
-    """A float32 buffer of n <= CHUNK elements: on the CPU one per thread, kept between steps (a fresh
-    allocation of megabytes costs more there than the work it holds); elsewhere a plain allocation (CUDA's
-    caching allocator keeps it, and knows its stream)."""
-    if device.type != "cpu":
-        return torch.empty(n, dtype=torch.float32, device=device)
-    buf = getattr(_workspace, "buf", None)
-    if buf is None or buf.numel() < n:
-        buf = _workspace.buf = torch.empty(n, dtype=torch.float32)
-    return buf[:n]
-
-
-def _narrow_sums(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: list[Tensor], xds: list[Tensor],
-                 device: torch.device) -> Tensor:
-    """The sums of 16/32-bit tensors in float64, from float32 dot products per tensor (per piece of at most
-    CHUNK elements). The gradients are scaled by ``gradient_scale`` (a power of two: exact, divided out in
-    float64) into the scratch; 16-bit directions and parameters are widened to float32 one at a time."""
-    f32 = torch.float32
-    flat_d: dict[int, Tensor] = {}
-
-    def fd(d: Tensor) -> Tensor:  # a direction's flat float32 view (a widened copy for 16-bit), made once
-        v = flat_d.get(id(d))
-        if v is None:
-            v = d.reshape(-1)
-            v = flat_d[id(d)] = v if v.dtype == f32 else v.float()
-        return v
-
-    zero = torch.zeros((), dtype=F64, device=device)
-    gd: list[Tensor] = []  # float32 partial sums, per tensor or piece
-    gg: list[Tensor] = []
-    c = None
-    if gs:
-        norms = torch.empty(len(gs), dtype=f32, device=device)
-        foreach_norm_out(gs, list(norms.unbind()))
-        c = gradient_scale(norms)
-        for g, d, neg in zip(gs, gds, negate):
-            g, d = g.reshape(-1), fd(d)
-            for a in range(0, max(g.numel(), 1), CHUNK):
-                piece = g[a:a + CHUNK]
-                buf = _scratch(piece.numel(), device)
-                if piece.dtype == f32:
-                    torch.mul(piece, c, out=buf)
-                else:
-                    buf.copy_(piece).mul_(c)
-                dot = torch.dot(buf, d[a:a + CHUNK])
-                gd.append(-dot if neg else dot)
-                gg.append(torch.dot(buf, buf))
-    xd, xx = [], []
-    for x, d in zip(xs, xds):
-        w = x.reshape(-1)
-        w = w if w.dtype == f32 else w.float()
-        xd.append(torch.dot(w, fd(d)))
-        xx.append(torch.dot(w, w))
-
-    def total(parts: list[Tensor]) -> Tensor:
-        return torch.stack(parts).to(F64).sum() if parts else zero
-
-    out = torch.stack([total(gd), total(xd), total(gg), total(xx)])
-    if c is not None:
-        c64 = c.to(F64)
-        out = out / torch.stack([c64, torch.ones_like(c64), c64 * c64, torch.ones_like(c64)])
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ the rebases
