@@ -39,7 +39,7 @@ def load(path: Path) -> list[dict]:
     return rows
 
 
-def _ref(rows: list[dict]) -> dict[tuple, dict]:
+def best_adamw(rows: list[dict]) -> dict[tuple, dict]:
     """(task, steps, seed) -> the best AdamW row."""
     best: dict[tuple, dict] = {}
     for r in rows:
@@ -52,7 +52,7 @@ def _ref(rows: list[dict]) -> dict[tuple, dict]:
 
 def cells(rows: list[dict]) -> dict[tuple, dict]:
     """(task, steps, method, lr) -> seed-mean ratio, spread, accuracy gap (points), train loss, diverged."""
-    ref = _ref(rows)
+    ref = best_adamw(rows)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         if (r["task"], r["steps"], r["seed"]) in ref:
@@ -106,7 +106,7 @@ def worst(c: dict[tuple, dict], task: str, steps: int, method: str) -> tuple[flo
 def front(rows: list[dict]) -> str:
     """The headline table: per task and run length, each method's worst loss ratio over the base lrs."""
     c = cells(rows)
-    ref = _ref(rows)
+    ref = best_adamw(rows)
     tasks = sorted({r["task"] for r in rows})
     lengths = sorted({r["steps"] for r in rows})
     seeds = sorted({r["seed"] for r in rows})
@@ -246,7 +246,7 @@ def numbers(rows: list[dict]) -> str:
     """The numbers the documents quote in sentences, as a ``| key | value | what |`` table for
     tools/sync_docs.py's inline includes (``<!-- include: ...run_length_numbers.md#key -->``)."""
     c = cells(rows)
-    ref = _ref(rows)
+    ref = best_adamw(rows)
     tasks = sorted({r["task"] for r in rows})
     lengths = sorted({r["steps"] for r in rows})
     methods = [m for m in LABELS if any(r["method"] == m for r in rows)]
@@ -315,7 +315,7 @@ def plot(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     c = cells(rows)
-    ref = _ref(rows)
+    ref = best_adamw(rows)
     tasks = sorted({r["task"] for r in rows})
     lengths = sorted({r["steps"] for r in rows})
     seeds = sorted({r["seed"] for r in rows})

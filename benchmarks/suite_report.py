@@ -41,16 +41,12 @@ def load(path: Path) -> list[dict]:
 def best_adamw(rows: list[dict]) -> dict[tuple, dict]:
     """(task, steps, seed) -> the best AdamW row, with "edge" True when it is at an end of the grid
     (no worse neighbour on one side: the sweep could not bracket it)."""
+    import run_length_report
     from suite import ADAMW_GRID
 
-    best: dict[tuple, dict] = {}
-    for r in rows:
-        if r["method"] == "adamw" and math.isfinite(r["val_loss"]):
-            k = (r["task"], r["steps"], r["seed"])
-            if k not in best or r["val_loss"] < best[k]["val_loss"]:
-                best[k] = r
     ends = (ADAMW_GRID[0], ADAMW_GRID[-1])
-    return {k: {**r, "edge": any(math.isclose(r["lr"], e) for e in ends)} for k, r in best.items()}
+    return {k: {**r, "edge": any(math.isclose(r["lr"], e) for e in ends)}
+            for k, r in run_length_report.best_adamw(rows).items()}
 
 
 def cells(rows: list[dict]) -> dict[tuple, dict]:

@@ -460,17 +460,6 @@ def test_a_nonfinite_step_leaves_the_floor_state_unchanged(how):
 
 
 # ----------------------------------------------------------------------------- DeepSpeed's partitions
-@pytest.fixture
-def one_rank():
-    """The partitions path looks up the model's copy of a part by rank: a process group of one."""
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("kind", ["zero12", "zero3"])

@@ -27,17 +27,7 @@ from nets import MLP
 LR, STEPS = 1e-2, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_rank():
-    """DeepSpeed always runs in a process group (the model's copy of a part is found by rank)."""
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_rank")  # (conftest.py)
 
 
 def model() -> MLP:
