@@ -21,6 +21,7 @@ from ..compat import foreach_copy_, foreach_norm_out
 F64 = torch.float64
 
 
+@torch.no_grad()  # (out= ops refuse tensors that require grad; the sums are never differentiated)
 def partial_sums_eager(gs: list[Tensor], gds: list[Tensor], negate: list[bool], xs: list[Tensor],
                        xds: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
     """[<g, D>, <x, D>, ||g||^2, ||x||^2] over the lists, in ``dtype`` (a negated g counts as -g).
