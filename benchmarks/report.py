@@ -171,6 +171,14 @@ def _step_ratios(ms: dict[tuple[int, str], float]) -> list[str]:
         if any(m == method for _, m in ms):
             value, at = span(method, base, least)
             rows.append(f"| `{key}` | {value} | {what}, lowest to highest over {at} parameters |")
+    for key, method, base, what in [
+            ("default_x_fused_each", "manic(adamw_fused)", "adamw_fused", "the default (eager) step over fused AdamW's"),
+            ("compile_x_fused_each", "manic(adamw_fused, compile=True)", "adamw_fused",
+             "the `compile=True` step over fused AdamW's")]:
+        sizes = sorted(n for n, m in ms if m == method and n >= 5e6 and (n, base) in ms)
+        if sizes:
+            rows.append(f"| `{key}` | {' / '.join(f'{ms[n, method] / ms[n, base]:.2f}x' for n in sizes)} | {what} "
+                        f"at {' / '.join(f'{n / 1e6:.0f}M' for n in sizes)} parameters |")
     return rows
 
 

@@ -76,7 +76,7 @@ def kind(method: str, base: str) -> str:
 
 # reads + writes of parameter-sized memory per step
 BASE_PASSES = {"adamw_fused": 7, "adamw_foreach": 7, "sgd_foreach": 5}  # AdamW: read x g m v, write x m v
-# Mechanic's extra work: sums (eager, 16/32-bit: the gradients' float32 norms for their scale 1, the scaled copy
+# Mechanic's extra work: sums (eager, 16/32-bit: the largest |g| for their scale 1 (aminmax), the scaled copy
 # 2, <g,D> 2 and ||g||^2 1 on it, <x,D> 2, ||x||^2 1; fused: g, D and x in one pass) + rebase (eager
 # store_delta: x - x_ref 3, u = . - S * Delta 3, nan_to_num 2, Delta + u 3, x = x_ref + S * Delta 3; fused:
 # read x, x_ref, Delta, write Delta, x)
