@@ -481,4 +481,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from teardown import leave
+
     main()
+    leave()

@@ -124,4 +124,7 @@ def main(out_dir: str, phase: str) -> None:
 
 
 if __name__ == "__main__":
+    from teardown import leave
+
     main(sys.argv[1], sys.argv[2])
+    leave()

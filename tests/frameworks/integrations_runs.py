@@ -244,4 +244,7 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    from teardown import leave
+
     main(sys.argv[1])
+    leave()
