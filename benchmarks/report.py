@@ -280,7 +280,28 @@ def suite_numbers(path: Path) -> str:
                                                + " steps"))
         out.append(f"| `{half}/manic/peers_lower` | {'; '.join(lower) or 'none'} | the peers whose mean ratio over "
                    "the tasks is below manic's default, and where |")
+    if "manic" in rows and rows["manic"][-1]:
+        task = rows["manic"][-1].split("(")[1].split(")")[0]
+        lrs = _suite_scale_rows(text, task)
+        if lrs:
+            out.append(f"| `{half}/manic/worst_task_lr` | on {task}, " + "; ".join(
+                f"{n}: {final} against {best} (oracle {oracle})" for n, (best, final, oracle) in lrs.items())
+                + f" | on {task} (manic's worst task at {lengths[-1]} steps), per run length: manic's final S·lr "
+                "against best-tuned AdamW's lr, and the greedy oracle's S'·lr at the end (geometric means over seeds) |")
     return "\n".join(out)
+
+
+def _suite_scale_rows(text: str, task: str) -> dict[str, tuple[str, str, str]]:
+    """From the report's scale-against-oracle section, manic's rows for ``task``: {T: (best AdamW lr,
+    final S·lr, the oracle's S'·lr at 100% of T)}."""
+    section = text.split("## Mechanic's scale", 1)[-1].split("\n## ", 1)[0]
+    block = section.split(f"**{task}**", 1)[-1].split("\n**", 1)[0] if f"**{task}**" in section else ""
+    out = {}
+    for line in block.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 10 and cells[1] == "manic" and cells[0].isdigit():
+            out[cells[0]] = (cells[2], cells[3], cells[9].split(" / ")[-1])
+    return out
 
 
 def main(check: bool = False) -> list[str]:

@@ -287,6 +287,34 @@ def test_readme_verdicts_match_the_data():
     assert test["test/manic/peers_lower"] != "none"
 
 
+def test_tuning_doc_worst_tasks_pull_apart():
+    """docs/tuning.md's reading of the two halves' worst tasks holds in the generated numbers: on the
+    development half's (digits_cnn) manic's final S·lr is near the greedy oracle's and at least five times
+    below best-tuned AdamW's lr; on the test half's (breast_cancer_mlp) it is above the best lr at every run
+    length and the oracle's is higher still."""
+    tuning = " ".join((ROOT / "docs" / "tuning.md").read_text().split())
+    for phrase in ("On the development half's CNN the scale sits at the oracle and an order of magnitude below "
+                   "the best lr", "On the test half's tabular MLP it is already several times above the best lr, "
+                   "and the oracle is higher still"):
+        assert phrase in tuning, f"docs/tuning.md no longer says {phrase!r}: update this test with the new words"
+
+    def rows(half: str) -> tuple[str, list[tuple[float, float, float]]]:
+        value = _numbers(f"suite_{half}_numbers.md")[f"{half}/manic/worst_task_lr"]
+        task, cells = value.split(", ", 1)
+        found = re.findall(r"\d+: ([\d.e-]+) against ([\d.e-]+) \(oracle ([\d.e-]+)\)", cells)
+        assert found, value
+        return task, [(float(a), float(b), float(c)) for a, b, c in found]
+
+    task, dev = rows("dev")
+    assert task == "on digits_cnn", task
+    for final, best, oracle in dev:
+        assert final * 5 <= best and 0.5 <= oracle / final <= 2, dev
+    task, test = rows("test")
+    assert task == "on breast_cancer_mlp", task
+    for final, best, oracle in test:
+        assert best < final < oracle, test
+
+
 def test_fragment_includes_pick_existing_code():
     """A fragment include (``examples/x.py#name,...``) names code that is in the file: sync_docs fails
     loudly on a name it cannot find, and the fragment of a block it can is what the block shows."""
