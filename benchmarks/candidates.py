@@ -14,7 +14,11 @@ one change per candidate to what the bet sees or to the scale it applies:
   derivative along the slowly drifting part of the displacement, without its fast fluctuations;
 - ``distance``: a Prodigy-style distance estimate as a floor: ``sum_k w_k <g_k, x_ref - x_k>`` over
   ``||sum_k w_k g_k||_1`` with ``w_k = S'_k * lr_k / lr_ref`` (one more parameter-sized buffer);
-- ``times``: the applied scale is ``kappa`` times the bet's.
+- ``times``: the applied scale is ``kappa`` times the bet's;
+- ``horizon``: the bet sees ``h - kappa * rho_t * rms_t(h)``, ``rho_t = lr_t / lr_ref`` the schedule's factor
+  (a proxy for the horizon left: 1 at the peak, 0 at the end of a decay) and ``rms_t`` the bet's own running
+  RMS of h (over the shortest beta's window, about ten steps): an optimistic bias that settles the scale where the loss still rises along the line
+  by ``kappa`` noise units while much of the run remains, and at the greedy scale at the end.
 
 ``suite.py`` runs them as methods ``cand_<name>`` (see ``CANDIDATES``).
 """
@@ -77,6 +81,9 @@ class Candidate(torch.optim.Optimizer):
         S = self.applied
         h = (g_d + self.lam * S * math.sqrt(g_sq) / (math.sqrt(x_sq) + EPS) * x_d) / self.lr_ref
         hb = torch.tensor(h, dtype=torch.float64)
+        if self.kind == "horizon":  # an optimistic bias that fades with the schedule's factor (see the docstring)
+            rho = self.param_groups[0]["lr"] / self.lr_ref
+            hb = hb - self.knobs.get("kappa", 1.0) * rho * float(self.v[0] * (1 - self.beta[0] ** 2)) ** 0.5
         r_old = self.r
         if bool((self.v == 0).all()) and h != 0:  # the start, as wealth
             r_old = torch.full_like(self.r, self.s_init / self.n * abs(h))
@@ -126,4 +133,7 @@ CANDIDATES: dict[str, tuple[str, dict[str, float]]] = {
     "lag0.99": ("lag", {"lag_beta": 0.99}),
     "distance": ("distance", {}),
     "times3": ("times", {"kappa": 3.0}),
+    "horizon0.5": ("horizon", {"kappa": 0.5}),
+    "horizon1": ("horizon", {"kappa": 1.0}),
+    "horizon2": ("horizon", {"kappa": 2.0}),
 }
