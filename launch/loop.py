@@ -97,9 +97,12 @@ def train(cfg: Config, rank: int, world: int, device: torch.device, build_optimi
               f"parameters, steps {start}..{cfg.steps}, mechanic={'on' if cfg.mechanic else 'off'}", flush=True)
     bar = None
     if rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
+        try:
+            from tqdm import tqdm
+        except ImportError:  # the progress bar is optional (pip install tqdm); metrics.csv has every step
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
 
     saved = resume_from
 
@@ -153,8 +156,12 @@ def train(cfg: Config, rank: int, world: int, device: torch.device, build_optimi
                              "val_loss": "" if val is None else f"{val:.5f}", "lr": f"{lr:.6g}",
                              "scale": "" if scale is None else f"{scale:.6g}", "effective_lr": f"{effective_lr:.6g}",
                              "step_time": f"{dt:.5f}"})
-                    bar.set_postfix(loss=f"{train_loss:.3f}", val=_fmt(last["val_loss"]), scale=_fmt(scale, ".3g"),
-                                    tok_s=f"{tokens / dt:,.0f}", refresh=False)
+                    shown_now = dict(loss=f"{train_loss:.3f}", val=_fmt(last["val_loss"]), scale=_fmt(scale, ".3g"),
+                                     tok_s=f"{tokens / dt:,.0f}")
+                    if bar is not None:
+                        bar.set_postfix(**shown_now, refresh=False)
+                    else:  # no tqdm: a line per logged step instead of the bar
+                        print(f"step {done}: " + ", ".join(f"{k} {v}" for k, v in shown_now.items()), flush=True)
             if bar is not None:
                 bar.update(1)
             if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps:
@@ -177,12 +184,15 @@ def _final(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config, gpt_
         scale = opt.scale.item() if hasattr(opt, "scale") else None
         torch.save({"model": full, "model_config": asdict(gpt_cfg), "config": asdict(cfg), "steps": step,
                     "scale": scale, "train_loss": last["train_loss"], "val_loss": last["val_loss"]}, out / "final.pt")
+        wrote = [out / "metrics.csv", out / "final.pt"]
         if (out / "metrics.csv").exists():
             from plot import plot
 
-            plot(out)
+            try:
+                wrote.insert(1, plot(out))
+            except ImportError as e:  # the figure is optional: the run has succeeded
+                print(f"no metrics.png ({e}): pip install matplotlib, then python launch/plot.py {out}", flush=True)
         print(f"done: step {step}, train loss {_fmt(last['train_loss'])}, val loss {_fmt(last['val_loss'])}, "
-              f"scale {_fmt(scale, '.3g')}; wrote {out / 'metrics.csv'}, {out / 'metrics.png'}, {out / 'final.pt'}",
-              flush=True)
+              f"scale {_fmt(scale, '.3g')}; wrote {', '.join(map(str, wrote))}", flush=True)
     if dist.is_initialized():
         dist.barrier()

@@ -484,6 +484,23 @@ def test_without_mechanic_the_effective_lr_is_the_lr(tmp_path):
     assert (out / "metrics.png").stat().st_size > 0
 
 
+@pytest.mark.timeout(120)
+def test_runs_without_the_optional_packages(tmp_path):
+    """Without tqdm and matplotlib (each made unimportable) the launcher trains, writes metrics.csv and
+    final.pt, says how to get the figure, and exits 0."""
+    blocked = tmp_path / "blocked"
+    (blocked / "matplotlib").mkdir(parents=True)
+    for module in (blocked / "tqdm.py", blocked / "matplotlib" / "__init__.py"):
+        module.write_text("raise ImportError('blocked by the test')\n")
+    out = tmp_path / "run"
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(blocked), ENV.get("PYTHONPATH", "")]))
+    done = run(single("--out-dir", str(out), "--steps", "10", "--ckpt-every", "0"), timeout=110, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in rows(out)] == ["5", "10"] and (out / "final.pt").exists()
+    assert not (out / "metrics.png").exists()
+    assert "pip install matplotlib" in done.stdout, done.stdout[-2000:]
+
+
 @pytest.mark.timeout(60)
 def test_plot_regenerates_png(tmp_path):
     """From the CSV the launcher writes, and from one written before it had an effective_lr column."""

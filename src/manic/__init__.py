@@ -10,7 +10,8 @@ parameters from the base optimizer's param groups (layout.py; the reducer from r
 D, sums <g, D>, <x, D>, ||g||^2, ||x||^2 per tuner with a kernel set (kernels/: eager foreach or
 compiled), reduces them in one collective and runs the pure tuner update (tuner.py) into an immutable
 plan; the base optimizer steps (its lazy state init blind to Mechanic's buffers, storage.py); the engine
-installs the plan and the mode rebases x to the new scale. The engine's tensors are published into the
+installs the plan and the mode rebases x to the new scale (a parameter edited in place between steps
+keeps the edit: edits.py). The engine's tensors are published into the
 base optimizer and saved and loaded by storage.py, in the versioned checkpoint format of state.py.
 compat.py holds what torch does not promise; testing.py runs real process groups for tests.
 """
@@ -21,6 +22,7 @@ from .options import Hyper, Options  # (Hyper: deprecated, not in __all__; CHANG
 from .engine import engine_of
 from .reduce import NoReduce, ProcessGroupReducer, Reducer
 from .seed import Mechanic, Updater
+from . import integrations  # (``manic.integrations.readout`` after ``import manic``; no framework is imported)
 
 __all__ = ["Mechanic", "Options", "Mechanized", "NoReduce", "ProcessGroupReducer", "Reducer", "Updater", "engine_of",
            "layer_groups", "mechanize"]

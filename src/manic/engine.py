@@ -16,14 +16,14 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from . import deepspeed_zero, kernels, partitions, step, storage, tuner
+from . import deepspeed_zero, edits, kernels, partitions, step, storage, tuner
 from .compat import local
-from .layout import Layout, bind, carry, check_unique
-from .modes import Buffers
+from .layout import Layout, bind, carry, check_disjoint, check_unique
+from .modes import DELTA, REF, Buffers
 from .options import Options
 from .readout import TunerReadout, nan_stats
 from .state import check_state_dict
-from .tuner import TunerState
+from .tuner import TunerState, of_group
 
 def engine_of(obj: Any) -> Engine | None:
     """The engine behind ``obj``: a ``manic.mechanize(...)`` optimizer, a ``manic.Mechanic``, or a base
@@ -58,6 +58,7 @@ class Engine:
         self._plan: step.Plan | partitions.PartPlan | None = None
         self.parts: deepspeed_zero.Zero | str | None = None  # DeepSpeed ZeRO's parts (deepspeed_zero.of), once looked
         self._last = nan_stats(self.tuner)
+        self._written: edits.Record | None = None  # the parameters as Mechanic last wrote them (edits.py)
         self._published: storage.Published = ()
         # loads through the base optimizer's own load_state_dict (storage.attach's hooks):
         self.own_load = False  # the engine is loading the base optimizer itself
@@ -70,6 +71,7 @@ class Engine:
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # a deep copy or an unpickled one
         self.__dict__.update(state)
+        self._written = None  # (tensor ids of another process or copy)
         self.kernels = kernels.compiled() if self.options.compile else kernels.EAGER
         storage.attach(self.optimizer, self)
 
@@ -119,12 +121,28 @@ class Engine:
             self._plan = partitions.prepare(parts, self)
             return
         layout, buffers = self.bound()
+        if self._written is not None and self.started and self.hyper.mode.adopts_edits:
+            self._adopt_edits(layout, buffers)
         groups = self.optimizer.param_groups
         if not self.checked:
             step.check_ranks(groups, layout, self.options, self.hyper)
             self.checked = True
         self._plan = step.prepare(groups, layout, buffers, self.tuner, self.started, self.options, self.hyper,
                                   kernels.for_step(self.kernels), self.betas(layout))
+
+    def _adopt_edits(self, layout: Layout, buffers: dict[int, Buffers]) -> None:
+        """Parameters edited in place since Mechanic last wrote them keep the edit (edits.py)."""
+        params = [s.ref() for s in layout.slots]
+        xs = [local(p) for p in params]
+        ks = [k for k in edits.edited(params, xs, self._written) if layout.slots[k].index in buffers]
+        if not ks:
+            return
+        scale = self.tuner.scale
+        if scale.dim() == 0 or scale.shape[0] == len(layout.tuners):  # (else the step names the change)
+            tuner_of = {k: g for g, slots in enumerate(layout.tuners) for k in slots}
+            for k in ks:
+                b = buffers[layout.slots[k].index]
+                edits.adopt(xs[k], local(b[REF]), local(b[DELTA]), of_group(scale, tuner_of[k]))
 
     def betas(self, layout: Layout) -> Tensor:
         """The betas in the tuner's dtype on its device, built once per layout dtype and device
@@ -154,12 +172,14 @@ class Engine:
         self.started = plan.started
         self._install(plan.layout, plan.buffers, plan.tuner)
         u = plan.update
-        if u is None:
-            return
-        self.tuner.copy_(u.tuner)
-        self._last = u.last
-        if not u.skip_base:
-            step.rebase(plan, self.hyper.mode, self.hyper.eps, kernels.for_step(self.kernels))
+        if u is not None:
+            self.tuner.copy_(u.tuner)
+            self._last = u.last
+            if not u.skip_base:
+                step.rebase(plan, self.hyper.mode, self.hyper.eps, kernels.for_step(self.kernels))
+        # the parameters as Mechanic leaves them (an edit before the next step is told apart: edits.py)
+        params = [s.ref() for s in plan.layout.slots]
+        self._written = edits.record(params, [local(p) for p in params]) if plan.started else None
 
     def _install(self, layout: Layout | None, buffers: dict[int, Buffers], state: TunerState) -> None:
         self.layout, self.buffers = layout, buffers
@@ -229,7 +249,7 @@ class Engine:
 
     @torch.no_grad()
     def _load(self, sd: dict[str, Any] | None, layout: Layout | None) -> None:
-        self._plan = self.parts = None
+        self._plan = self.parts = self._written = None
         if sd is None:
             self.started = False
             fresh = TunerState.fresh(self.hyper, self.tuner.s.dtype, self.tuner.s.device,
@@ -255,6 +275,7 @@ def _check_optimizer(optimizer: Any) -> None:
         raise TypeError(f"Mechanic wraps a torch.optim.Optimizer instance, got {type(optimizer).__name__}; "
                         "build the base optimizer first, e.g. torch.optim.AdamW(model.parameters())")
     check_unique(optimizer)
+    check_disjoint(optimizer)
     if engine_of(optimizer) is not None:
         raise TypeError("This optimizer is already under Mechanic; wrap the base optimizer once")
     if isinstance(optimizer, torch.optim.LBFGS):

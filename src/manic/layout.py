@@ -59,7 +59,8 @@ class Layout:
     """The parameters under Mechanic, the reducer for their sums, and the tuner's dtype and device."""
 
     slots: tuple[Slot, ...]
-    seen: tuple[tuple[weakref.ref, bool, bool, torch.dtype], ...]  # every parameter: (ref, under, negate, dtype)
+    seen: tuple[tuple[weakref.ref, bool, bool, torch.dtype, torch.Size], ...]  # every parameter: (ref, under,
+    # negate, dtype, shape); a shape changed through ``.data`` rebinds, and carry() names it
     reducer: Reducer
     dtype: torch.dtype
     device: torch.device
@@ -80,11 +81,38 @@ class Layout:
             for p in group["params"]:
                 if k == len(seen):
                     return False
-                ref, under, neg, dtype = seen[k]
-                if ref() is not p or p.dtype != dtype or (on and p.requires_grad) != under or (under and negate != neg):
+                ref, under, neg, dtype, shape = seen[k]
+                if (ref() is not p or p.dtype != dtype or (on and p.requires_grad) != under or (under and negate != neg)
+                        or p.shape != shape):
                     return False
                 k += 1
         return k == len(seen)
+
+
+def check_disjoint(optimizer: torch.optim.Optimizer) -> None:
+    """``_check_disjoint`` over the parameters Mechanic would take, as the optimizer holds them now."""
+    every = [(g.get("mechanic", True) and p.requires_grad, p) for g in optimizer.param_groups for p in g["params"]]
+    _check_disjoint([(i, local(p)) for i, (under, p) in enumerate(every) if under])
+
+
+def _check_disjoint(params: list[tuple[int, Tensor]]) -> None:
+    """Raise if two parameters share memory (weights tied through ``.data``): the rebase would move that memory
+    once per parameter. Views of one buffer that do not overlap (a flat buffer cut into parameters) are fine."""
+    spans: dict[int, list[tuple[int, int, int]]] = {}
+    for i, t in params:
+        if t.numel() == 0 or t.device.type == "meta":
+            continue
+        extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))  # elements the view spans
+        start = t.storage_offset() * t.element_size()
+        spans.setdefault(t.untyped_storage().data_ptr(), []).append((start, start + extent * t.element_size(), i))
+    for found in spans.values():
+        found.sort()
+        for (_, end, i), (begin, _, j) in zip(found, found[1:]):
+            if begin < end:
+                raise ValueError(
+                    f"Parameters {i} and {j} share memory (weights tied by assigning .data, e.g. "
+                    "b.weight.data = a.weight.data): Mechanic would move that memory once for each of them. "
+                    "Tie them as one Parameter (b.weight = a.weight), so that the optimizer holds it once")
 
 
 def bind(optimizer: torch.optim.Optimizer, reducer: Reducer | None, process_group: Any, device_mesh: Any,
@@ -99,7 +127,7 @@ def bind(optimizer: torch.optim.Optimizer, reducer: Reducer | None, process_grou
             under = bool(on and p.requires_grad)
             if under:
                 entries.append((len(seen), p, negate, (gi, len(seen) - first)))
-            seen.append((weakref.ref(p), under, negate, p.dtype))
+            seen.append((weakref.ref(p), under, negate, p.dtype, p.shape))
     check_unique(optimizer)
     if not any(g.get("mechanic", True) and g["params"] for g in optimizer.param_groups):
         raise ValueError("The optimizer has no parameters under Mechanic: every param group says 'mechanic': "
@@ -110,6 +138,7 @@ def bind(optimizer: torch.optim.Optimizer, reducer: Reducer | None, process_grou
                             "parameters only (view it as real with torch.view_as_real)")
         if not p.is_floating_point():
             raise TypeError(f"Parameter {i} has dtype {p.dtype}; Mechanic needs floating-point parameters")
+    _check_disjoint([(i, local(p)) for i, p, _, _ in entries])
     devices = {local(p).device for _, p, _, _ in entries}
     if len(devices) > 1:
         raise ValueError(f"Parameters under Mechanic live on several devices {sorted(map(str, devices))}; "

@@ -40,6 +40,7 @@ class StateMode:
 
     name: str
     keys: tuple[str, ...]  # its buffers, in the order they are made
+    adopts_edits = False  # an edit between steps must be moved into x_ref (edits.py), else the rebase scales it
 
     @property
     def keeps_delta(self) -> bool:
@@ -99,6 +100,7 @@ class RefDelta(StateMode):
     A skipped step restores x = x_ref + S_new * Delta_t (Delta unchanged)."""
 
     name, keys = "ref+delta", (REF, DELTA)
+    adopts_edits = True
 
     def rebase(self, fns: Kernels, xs: list[Tensor], bufs: list[Buffers], saved: list[Tensor] | None,
                S_old: Tensor, S_new: Tensor, ok: Tensor, eps: Tensor) -> None:

@@ -12,6 +12,7 @@ once, by the group member at coordinate 0 of the replicated mesh dimensions.
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -140,8 +141,7 @@ def check_config(fields: dict[str, Any], group: Any = None, params: Sequence[Ten
     if dist.get_world_size(group) == 1:
         return
     mine = {"fields": fields, "held": _fingerprint(params) if params is not None else None}
-    gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, mine, group=group)
+    gathered = gather_objects(mine, group)
     diffs = {k: f"{k}: " + ", ".join(f"rank {r}={g['fields'].get(k)!r}" for r, g in enumerate(gathered))
              for k in fields if len({repr(g["fields"].get(k)) for g in gathered}) > 1}
     same = params is None or all(g["held"] == gathered[0]["held"] for g in gathered)
@@ -165,6 +165,38 @@ def check_config(fields: dict[str, Any], group: Any = None, params: Sequence[Ten
         warnings.warn("Every rank holds the same parameters, yet Mechanic sums over the ranks: each "
                       "parameter counts world-size times. Replicated training (DDP) needs no process_group=",
                       stacklevel=3)
+
+
+def gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``obj``, in rank order: ``dist.all_gather_object`` without NumPy (torch's reads the bytes
+    through ``Tensor.numpy()``, and manic depends on torch alone). Two all-gathers: the sizes, then the
+    pickles padded to the longest."""
+    data = pickle.dumps(obj)
+    device = _object_device(group)
+    world = dist.get_world_size(group)
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    lengths = [int(n) for n in torch.cat(sizes).tolist()]
+    mine = torch.zeros(max(lengths), dtype=torch.uint8)
+    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    mine = mine.to(device)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine, group=group)
+    return [pickle.loads(bytes(t[:n].cpu().tolist())) for t, n in zip(everyone, lengths)]
+
+
+def _object_device(group: Any) -> torch.device:
+    """Where the group's collectives take tensors: the CPU for gloo (or a group with a gloo part) and MPI,
+    else the current accelerator (NCCL: the current CUDA device)."""
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or "mpi" in backend:
+        return torch.device("cpu")
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        kind = accelerator.current_accelerator()
+        return torch.device(kind.type, accelerator.current_device_index())
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _fingerprint(params: Sequence[Tensor]) -> list[tuple]:

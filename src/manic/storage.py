@@ -38,6 +38,21 @@ def attach(optimizer: torch.optim.Optimizer, engine: Engine) -> None:
     if _base_load_pre not in getattr(optimizer, "_optimizer_load_state_dict_pre_hooks", {}).values():
         optimizer.register_load_state_dict_pre_hook(_base_load_pre)
         optimizer.register_load_state_dict_post_hook(_base_load_post)
+    if _base_step_pre not in getattr(optimizer, "_optimizer_step_pre_hooks", {}).values():
+        optimizer.register_step_pre_hook(_base_step_pre)
+
+
+_STEPPING: set[int] = set()  # the base optimizers whose step Mechanic is running now (``hidden``)
+
+
+def _base_step_pre(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Refuse a step of the base optimizer that Mechanic does not run: its update would land unscaled in x,
+    and the next rebase would take it for an edit."""
+    if id(optimizer) not in _STEPPING and attached(optimizer) is not None:
+        raise RuntimeError(
+            "This optimizer is under Mechanic: step the optimizer manic.mechanize returned (opt.step()), or with "
+            "the seed API call mechanic.step() then updater.step(); stepping the base optimizer directly would "
+            "apply its update without Mechanic's scale")
 
 
 def attached(optimizer: Any) -> Engine | None:
@@ -66,6 +81,7 @@ def hidden(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> Iterat
     lazily, when ``len(state[p]) == 0``. The buffers are back afterwards, whatever happens."""
     state = optimizer.state
     saved = []
+    _STEPPING.add(id(optimizer))
     for p in params:
         entry = state.get(p)
         if entry and all(k in PARAM_KEYS for k in entry):
@@ -74,6 +90,7 @@ def hidden(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> Iterat
     try:
         yield
     finally:
+        _STEPPING.discard(id(optimizer))
         state = optimizer.state
         for p, mine in saved:
             state[p].update(mine)

@@ -112,7 +112,7 @@ def compare(name: str, model: nn.Module, scales: list[float], ref: tuple[list[to
 
 def check_counts(name: str, counts: list, collectives: int) -> None:
     """``collectives`` and no host sync per step; the first step also runs the one-time
-    configuration check (all_gather_object: two all-gathers, and its own host syncs)."""
+    configuration check (reduce.gather_objects: two all-gathers, and its own host syncs)."""
     if not COUNTING:
         return
     assert all(c == (collectives, 0) for c in counts[1:]), f"{name}: (collectives, host syncs) per step {counts}"
@@ -327,12 +327,26 @@ CONFIG_FIELDS = ("weight_decay", "eps", "s_init", "num_betas", "store_delta", "s
                  "lr_ref", "reducer", "num_params")
 
 
+def _numpy_missing(self: torch.Tensor) -> Any:
+    raise RuntimeError("Numpy is not available")  # what torch raises in an environment without NumPy
+
+
 def config_mismatch(rank: int, world: int) -> dict[str, str]:
     """For each checked field, rank 1 differs from rank 0: every rank must raise at the first
-    step (when Mechanic binds), naming it."""
+    step (when Mechanic binds), naming it; with nothing different ("none"), the step runs. All of it
+    as without NumPy (manic depends on torch alone; torch's all_gather_object needs NumPy)."""
+    numpy = torch.Tensor.numpy
+    torch.Tensor.numpy = _numpy_missing  # type: ignore[method-assign]
+    try:
+        return _config_mismatch(rank)
+    finally:
+        torch.Tensor.numpy = numpy  # type: ignore[method-assign]
+
+
+def _config_mismatch(rank: int) -> dict[str, str]:
     out = {}
     X, y = data()
-    for field in CONFIG_FIELDS:
+    for field in ("none", *CONFIG_FIELDS):
         kwargs: dict[str, Any] = {}
         model = make_net()
         params = list(model.parameters())
