@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import pydoc
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -98,3 +100,15 @@ def test_raises_names_what_construction_raises(face, case):
     with pytest.raises(exc) as err:
         manic.mechanize(opt, **keywords) if face == "mechanize" else manic.Mechanic(manic.Updater(opt), **keywords)
     assert f"{type(err.value).__name__}: " in raises
+
+
+def test_readme_names_resolve_after_import_manic():
+    """README writes ``manic.integrations.readout(opt)`` after a plain ``import manic`` (a fresh interpreter:
+    other tests import the subpackage themselves); no framework is imported by it."""
+    code = ("import sys, torch, manic\n"
+            "opt = manic.mechanize(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()))\n"
+            "print(sorted(manic.integrations.readout(opt)))\n"
+            "print(any(m.split('.')[0] in ('transformers', 'lightning', 'deepspeed') for m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["['mechanic/effective_lr', 'mechanic/scale']", "False"], done.stdout
