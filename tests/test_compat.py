@@ -76,6 +76,20 @@ def test_is_optimizer_internal():
     assert set(opt.__getstate__()) >= {"param_groups", "state", "defaults"}
 
 
+def test_has_step_pre_hook():
+    """Finds an instance's own step pre-hook, and only while it is registered."""
+    base = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.5)
+
+    def hook(o, a, k):
+        return None
+
+    assert not compat.has_step_pre_hook(base, hook)
+    handle = base.register_step_pre_hook(hook)
+    assert compat.has_step_pre_hook(base, hook)
+    handle.remove()
+    assert not compat.has_step_pre_hook(base, hook)
+
+
 def test_step_with_own_hooks():
     """The base's step runs its own hooks once, no global hook, and marks the step for an LR scheduler."""
     p = torch.zeros(2, requires_grad=True)

@@ -79,6 +79,12 @@ def is_optimizer_internal(name: str) -> bool:
     return name in ("step", "_opt_called") or name.startswith("_optimizer_")
 
 
+def has_step_pre_hook(optimizer: torch.optim.Optimizer, hook: Any) -> bool:
+    """Whether ``hook`` is among the optimizer instance's own step pre-hooks (torch keeps them in a private
+    OrderedDict and offers no lookup)."""
+    return hook in getattr(optimizer, "_optimizer_step_pre_hooks", {}).values()
+
+
 def step_with_own_hooks(optimizer: torch.optim.Optimizer, closure: Any = None) -> Any:
     """``optimizer.step()`` without the global optimizer hooks (the mechanized optimizer's
     step already ran them), but with the instance's own hooks, as torch's step wrapper does."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from .compat import is_dtensor
+from .compat import has_step_pre_hook, is_dtensor
 from .layout import Layout
 from .modes import Buffers
 from .state import PARAM_KEYS, group_entries, strip_mechanic
@@ -38,7 +38,7 @@ def attach(optimizer: torch.optim.Optimizer, engine: Engine) -> None:
     if _base_load_pre not in getattr(optimizer, "_optimizer_load_state_dict_pre_hooks", {}).values():
         optimizer.register_load_state_dict_pre_hook(_base_load_pre)
         optimizer.register_load_state_dict_post_hook(_base_load_post)
-    if _base_step_pre not in getattr(optimizer, "_optimizer_step_pre_hooks", {}).values():
+    if not has_step_pre_hook(optimizer, _base_step_pre):
         optimizer.register_step_pre_hook(_base_step_pre)
 
 
