@@ -16,8 +16,17 @@ rebase scales by ``S_new / S_old``. An edit through ``.data`` bypasses torch's c
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 import torch
 from torch import Tensor
+
+from .compat import local
+from .modes import DELTA, REF, Buffers
+from .tuner import of_group
+
+if TYPE_CHECKING:
+    from .layout import Layout
 
 Record = dict[int, int]  # id of a parameter -> the in-place change count of its local shard
 
@@ -43,3 +52,20 @@ def adopt(x: Tensor, ref: Tensor, delta: Tensor, S: Tensor) -> None:
     written = torch.addcmul(ref, delta, S).to(x.dtype)
     moved = torch.addcmul(x.to(delta.dtype), delta, -S).to(ref.dtype)
     ref.copy_(torch.where(written == x, ref, moved))
+
+
+def adopt_edited(layout: Layout, buffers: dict[int, Buffers], before: Record, scale: Callable[[], Tensor]) -> None:
+    """``adopt`` every parameter of ``layout`` edited since ``before`` (``scale()``: S per tuner, read only if
+    one was edited). Nothing when the tuners no longer match the groups: the step names that change."""
+    params = [s.ref() for s in layout.slots]
+    xs = [local(p) for p in params]
+    ks = [k for k in edited(params, xs, before) if layout.slots[k].index in buffers]
+    if not ks:
+        return
+    S = scale()
+    if S.dim() and S.shape[0] != len(layout.tuners):
+        return
+    tuner_of = {k: g for g, slots in enumerate(layout.tuners) for k in slots}
+    for k in ks:
+        b = buffers[layout.slots[k].index]
+        adopt(xs[k], local(b[REF]), local(b[DELTA]), of_group(S, tuner_of[k]))

@@ -19,11 +19,11 @@ from torch import Tensor
 from . import deepspeed_zero, edits, kernels, partitions, step, storage, tuner
 from .compat import local
 from .layout import Layout, bind, carry, check_disjoint, check_unique
-from .modes import DELTA, REF, Buffers
+from .modes import Buffers
 from .options import Options
 from .readout import TunerReadout, nan_stats
 from .state import check_state_dict
-from .tuner import TunerState, of_group
+from .tuner import TunerState
 
 def engine_of(obj: Any) -> Engine | None:
     """The engine behind ``obj``: a ``manic.mechanize(...)`` optimizer, a ``manic.Mechanic``, or a base
@@ -122,27 +122,13 @@ class Engine:
             return
         layout, buffers = self.bound()
         if self._written is not None and self.started and self.hyper.mode.adopts_edits:
-            self._adopt_edits(layout, buffers)
+            edits.adopt_edited(layout, buffers, self._written, lambda: self.tuner.scale)
         groups = self.optimizer.param_groups
         if not self.checked:
             step.check_ranks(groups, layout, self.options, self.hyper)
             self.checked = True
         self._plan = step.prepare(groups, layout, buffers, self.tuner, self.started, self.options, self.hyper,
                                   kernels.for_step(self.kernels), self.betas(layout))
-
-    def _adopt_edits(self, layout: Layout, buffers: dict[int, Buffers]) -> None:
-        """Parameters edited in place since Mechanic last wrote them keep the edit (edits.py)."""
-        params = [s.ref() for s in layout.slots]
-        xs = [local(p) for p in params]
-        ks = [k for k in edits.edited(params, xs, self._written) if layout.slots[k].index in buffers]
-        if not ks:
-            return
-        scale = self.tuner.scale
-        if scale.dim() == 0 or scale.shape[0] == len(layout.tuners):  # (else the step names the change)
-            tuner_of = {k: g for g, slots in enumerate(layout.tuners) for k in slots}
-            for k in ks:
-                b = buffers[layout.slots[k].index]
-                edits.adopt(xs[k], local(b[REF]), local(b[DELTA]), of_group(scale, tuner_of[k]))
 
     def betas(self, layout: Layout) -> Tensor:
         """The betas in the tuner's dtype on its device, built once per layout dtype and device
