@@ -17,8 +17,9 @@ one change per candidate to what the bet sees or to the scale it applies:
 - ``times``: the applied scale is ``kappa`` times the bet's;
 - ``horizon``: the bet sees ``h - kappa * rho_t * rms_t(h)``, ``rho_t = lr_t / lr_ref`` the schedule's factor
   (a proxy for the horizon left: 1 at the peak, 0 at the end of a decay) and ``rms_t`` the bet's own running
-  RMS of h (over the shortest beta's window, about ten steps): an optimistic bias that settles the scale where the loss still rises along the line
-  by ``kappa`` noise units while much of the run remains, and at the greedy scale at the end.
+  RMS of h (over the shortest beta's window, about ten steps): an optimistic bias that settles the scale
+  where the loss still rises along the line by ``kappa`` noise units while much of the run remains, and at
+  the greedy scale at the end.
 
 ``suite.py`` runs them as methods ``cand_<name>`` (see ``CANDIDATES``).
 """

@@ -76,18 +76,21 @@ def test_is_optimizer_internal():
     assert set(opt.__getstate__()) >= {"param_groups", "state", "defaults"}
 
 
-def test_has_step_pre_hook():
-    """Finds an instance's own step pre-hook, and only while it is registered."""
+def test_has_own_hook():
+    """Finds an instance's own step and load pre-hooks, each under its kind, and only while registered."""
     base = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.5)
 
-    def hook(o, a, k):
+    def hook(*args):
         return None
 
-    assert not compat.has_step_pre_hook(base, hook)
-    handle = base.register_step_pre_hook(hook)
-    assert compat.has_step_pre_hook(base, hook)
-    handle.remove()
-    assert not compat.has_step_pre_hook(base, hook)
+    for kind, register in (("step_pre", base.register_step_pre_hook),
+                           ("load_state_dict_pre", base.register_load_state_dict_pre_hook)):
+        assert not compat.has_own_hook(base, kind, hook)
+        handle = register(hook)
+        assert compat.has_own_hook(base, kind, hook)
+        assert not compat.has_own_hook(base, "state_dict_pre", hook)
+        handle.remove()
+        assert not compat.has_own_hook(base, kind, hook)
 
 
 def test_step_with_own_hooks():

@@ -70,16 +70,22 @@ def test_every_state_mode_keeps_an_edit(edit):
     assert s_ref_delta == pytest.approx(s_delta, rel=1e-9)
 
 
-def test_state_ref_takes_an_edit_into_its_displacement():
-    """state="ref" keeps no Delta: an edit becomes part of D = x - x_ref, which the next step scales by
-    S_new / (S_old + eps) (zero gradient, SGD: the base step moves nothing), as docs/behaviour.md says."""
+def _trained_sgd(state: str) -> tuple[nn.Parameter, torch.optim.Optimizer]:
+    """A float64 weight after six steps of mechanized SGD (lr 0.1) in ``state``."""
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(4, 5, dtype=torch.float64))
-    opt = manic.mechanize(torch.optim.SGD([w], lr=0.1), state="ref")
+    opt = manic.mechanize(torch.optim.SGD([w], lr=0.1), state=state)
     for _ in range(6):
         opt.zero_grad()
         (w.sin().sum()).backward()
         opt.step()
+    return w, opt
+
+
+def test_state_ref_takes_an_edit_into_its_displacement():
+    """state="ref" keeps no Delta: an edit becomes part of D = x - x_ref, which the next step scales by
+    S_new / (S_old + eps) (zero gradient, SGD: the base step moves nothing), as docs/behaviour.md says."""
+    w, opt = _trained_sgd("ref")
     ref = opt.state[w]["mechanic_ref"].clone()
     S_old = opt.scale.clone()
     with torch.no_grad():
@@ -96,13 +102,7 @@ def test_edit_survives_the_next_step_by_hand():
     """SGD without momentum and a zero gradient: the base step moves nothing, so after an edit the next step
     leaves x = x_edit + (S_new - S_old) * Delta (Delta unchanged), with x_ref = x_edit - S_old * Delta; an
     element the edit left alone keeps its x_ref bit for bit."""
-    torch.manual_seed(0)
-    w = nn.Parameter(torch.randn(4, 5, dtype=torch.float64))
-    opt = manic.mechanize(torch.optim.SGD([w], lr=0.1))
-    for _ in range(6):
-        opt.zero_grad()
-        (w.sin().sum()).backward()
-        opt.step()
+    w, opt = _trained_sgd("ref+delta")
     st = opt.state[w]
     ref_before, delta = st["mechanic_ref"].clone(), st["mechanic_delta"].clone()
     S_old = opt.scale.clone()

@@ -79,10 +79,10 @@ def is_optimizer_internal(name: str) -> bool:
     return name in ("step", "_opt_called") or name.startswith("_optimizer_")
 
 
-def has_step_pre_hook(optimizer: torch.optim.Optimizer, hook: Any) -> bool:
-    """Whether ``hook`` is among the optimizer instance's own step pre-hooks (torch keeps them in a private
-    OrderedDict and offers no lookup)."""
-    return hook in getattr(optimizer, "_optimizer_step_pre_hooks", {}).values()
+def has_own_hook(optimizer: torch.optim.Optimizer, kind: str, hook: Any) -> bool:
+    """Whether ``hook`` is among the optimizer instance's own hooks of ``kind`` ("step_pre",
+    "load_state_dict_pre", ...: torch keeps them in private OrderedDicts and offers no lookup)."""
+    return hook in getattr(optimizer, f"_optimizer_{kind}_hooks", {}).values()
 
 
 def step_with_own_hooks(optimizer: torch.optim.Optimizer, closure: Any = None) -> Any:

@@ -121,7 +121,7 @@ class Engine:
             self._plan = partitions.prepare(parts, self)
             return
         layout, buffers = self.bound()
-        if self._written is not None and self.started and self.hyper.mode.adopts_edits:
+        if self._written is not None and self.started:  # (a record only under a mode that adopts edits)
             edits.adopt_edited(layout, buffers, self._written, lambda: self.tuner.scale)
         groups = self.optimizer.param_groups
         if not self.checked:
@@ -164,8 +164,10 @@ class Engine:
             if not u.skip_base:
                 step.rebase(plan, self.hyper.mode, self.hyper.eps, kernels.for_step(self.kernels))
         # the parameters as Mechanic leaves them (an edit before the next step is told apart: edits.py)
-        params = [s.ref() for s in plan.layout.slots]
-        self._written = edits.record(params, [local(p) for p in params]) if plan.started else None
+        self._written = None
+        if plan.started and self.hyper.mode.adopts_edits:
+            params = [s.ref() for s in plan.layout.slots]
+            self._written = edits.record(params, [local(p) for p in params])
 
     def _install(self, layout: Layout | None, buffers: dict[int, Buffers], state: TunerState) -> None:
         self.layout, self.buffers = layout, buffers

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from .compat import has_step_pre_hook, is_dtensor
+from .compat import has_own_hook, is_dtensor
 from .layout import Layout
 from .modes import Buffers
 from .state import PARAM_KEYS, group_entries, strip_mechanic
@@ -35,10 +35,10 @@ def attach(optimizer: torch.optim.Optimizer, engine: Engine) -> None:
     base optimizer itself (``opt.base_optimizer.load_state_dict``, the seed API's ``mechanic.optimizer``):
     Mechanic's part of the state dict is checked before the base loads anything, and loaded after it."""
     _ENGINES[id(optimizer)] = engine
-    if _base_load_pre not in getattr(optimizer, "_optimizer_load_state_dict_pre_hooks", {}).values():
+    if not has_own_hook(optimizer, "load_state_dict_pre", _base_load_pre):
         optimizer.register_load_state_dict_pre_hook(_base_load_pre)
         optimizer.register_load_state_dict_post_hook(_base_load_post)
-    if not has_step_pre_hook(optimizer, _base_step_pre):
+    if not has_own_hook(optimizer, "step_pre", _base_step_pre):
         optimizer.register_step_pre_hook(_base_step_pre)
 
 
@@ -81,13 +81,13 @@ def hidden(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> Iterat
     lazily, when ``len(state[p]) == 0``. The buffers are back afterwards, whatever happens."""
     state = optimizer.state
     saved = []
-    _STEPPING.add(id(optimizer))
     for p in params:
         entry = state.get(p)
         if entry and all(k in PARAM_KEYS for k in entry):
             saved.append((p, dict(entry)))
             entry.clear()
     try:
+        _STEPPING.add(id(optimizer))
         yield
     finally:
         _STEPPING.discard(id(optimizer))
